@@ -1,0 +1,389 @@
+//! Ingest: the HTTP side of grouprelay, as Segment's Tracking API looks to its clients.
+//!
+//! One request's way: route it, take the writeKey from Basic auth, read the body within its
+//! limit (decoding gzip without inflating past the limit), hand it to [`crate::spec`], append
+//! the calls to the [`Queue`], and only then answer `200 {"success":true}`. Every refusal is a
+//! JSON body `{"success":false,"code":...,"message":...}` with the status the official
+//! clients treat correctly (`shared/spec/http-api.md`, "Responses").
+
+use std::convert::Infallible;
+use std::io::Read;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::clock;
+use crate::queue::{Queue, QueueError};
+use crate::spec::{self, Endpoint, Receipt};
+
+/// How long a client may take to send its body once the headers are in.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a 429 asks the client to wait, in seconds.
+const RETRY_AFTER_SECS: u64 = 5;
+/// Longest writeKey accepted; real keys are about 32 characters.
+const MAX_WRITE_KEY_BYTES: usize = 1024;
+
+/// The request handler, shared by every connection.
+pub struct Ingest {
+    queue: Queue,
+    default_write_key: Option<String>,
+    max_body_bytes: usize,
+}
+
+/// A refused request: its status and the JSON error body.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    success: bool,
+    code: &'a str,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+struct AcceptedBody<'a> {
+    success: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rejected: Vec<RejectedItem<'a>>,
+}
+
+#[derive(Serialize)]
+struct RejectedItem<'a> {
+    index: usize,
+    code: &'a str,
+    message: &'a str,
+}
+
+/// What a path is for.
+enum Route {
+    Health,
+    Calls(Endpoint),
+    NotFound,
+}
+
+impl Ingest {
+    pub fn new(queue: Queue, default_write_key: Option<String>, max_body_bytes: usize) -> Ingest {
+        Ingest {
+            queue,
+            default_write_key,
+            max_body_bytes,
+        }
+    }
+
+    /// Answers one request. Never fails: every error becomes a JSON response.
+    pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let response = match (route(req.uri().path()), req.method()) {
+            (Route::Health, &Method::GET | &Method::HEAD) => {
+                json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
+            }
+            (Route::Calls(endpoint), &Method::POST) => match self.ingest(endpoint, req).await {
+                Ok(response) => response,
+                Err(refusal) => refuse(refusal),
+            },
+            (Route::Health, _) => method_not_allowed("GET"),
+            (Route::Calls(_), _) => method_not_allowed("POST"),
+            (Route::NotFound, _) => refuse(Refusal::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint: {}", req.uri().path()),
+            )),
+        };
+        Ok(response)
+    }
+
+    async fn ingest(
+        &self,
+        endpoint: Endpoint,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Refusal> {
+        let header_key = basic_auth_write_key(req.headers())?;
+        let bytes = self.read_body(req).await?;
+        let received = SystemTime::now();
+        let timestamp = clock::rfc3339_millis(received);
+        let mut new_message_id = || uuid::Uuid::new_v4().to_string();
+        let body = spec::parse_body(
+            endpoint,
+            &bytes,
+            &mut Receipt {
+                timestamp: &timestamp,
+                new_message_id: &mut new_message_id,
+            },
+        )
+        .map_err(|v| Refusal::new(StatusCode::BAD_REQUEST, v.code, v.message))?;
+        let write_key = header_key
+            .or(body.write_key)
+            .or_else(|| self.default_write_key.clone())
+            .ok_or_else(|| {
+                Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing_write_key",
+                    "no writeKey: send Basic auth, a writeKey in the body, or start grouprelay with --write-key",
+                )
+            })?;
+        if write_key.len() > MAX_WRITE_KEY_BYTES {
+            return Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_write_key",
+                format!("the writeKey is longer than {MAX_WRITE_KEY_BYTES} bytes"),
+            ));
+        }
+        for rejected in &body.rejected {
+            tracing::debug!(index = rejected.index, code = rejected.violation.code, "call rejected at ingest");
+        }
+        self.queue
+            .append(&write_key, clock::unix_ms(received), &body.calls, &body.rejected)
+            .await
+            .map_err(|e| match e {
+                QueueError::Full { .. } => Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue_full",
+                    format!("grouprelay's queue is full; retry in {RETRY_AFTER_SECS} s"),
+                ),
+                other => {
+                    tracing::error!(error = %other, "could not persist calls");
+                    Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "storage_error",
+                        "grouprelay could not persist the calls; retry",
+                    )
+                }
+            })?;
+        let accepted = AcceptedBody {
+            success: true,
+            rejected: body
+                .rejected
+                .iter()
+                .map(|r| RejectedItem {
+                    index: r.index,
+                    code: r.violation.code,
+                    message: &r.violation.message,
+                })
+                .collect(),
+        };
+        Ok(json(
+            StatusCode::OK,
+            serde_json::to_vec(&accepted).expect("serializable"),
+        ))
+    }
+
+    /// Reads the whole body within the limit, decoding `Content-Encoding: gzip`.
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Vec<u8>, Refusal> {
+        let limit = self.max_body_bytes;
+        let too_large = || {
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is over {limit} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        let encoding = match req.headers().get(CONTENT_ENCODING).map(HeaderValue::to_str) {
+            None => Encoding::Identity,
+            Some(Ok(v)) if v.trim().eq_ignore_ascii_case("identity") => Encoding::Identity,
+            Some(Ok(v)) if matches!(v.trim().to_ascii_lowercase().as_str(), "gzip" | "x-gzip") => {
+                Encoding::Gzip
+            }
+            Some(v) => {
+                return Err(Refusal::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_encoding",
+                    format!(
+                        "Content-Encoding {:?} is not supported; send gzip or nothing",
+                        v.unwrap_or("?")
+                    ),
+                ))
+            }
+        };
+        let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), limit).collect())
+            .await
+            .map_err(|_| {
+                Refusal::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+                )
+            })?;
+        let bytes = match collected {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+            Err(e) => {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    format!("the body could not be read: {e}"),
+                ))
+            }
+        };
+        match encoding {
+            Encoding::Identity => Ok(bytes.to_vec()),
+            Encoding::Gzip => {
+                let mut inflated = Vec::with_capacity(bytes.len() * 4);
+                // Reading one byte past the limit tells "too large" from "exactly the limit"
+                // without ever inflating a bomb in full.
+                flate2::read::MultiGzDecoder::new(&bytes[..])
+                    .take(limit as u64 + 1)
+                    .read_to_end(&mut inflated)
+                    .map_err(|e| {
+                        Refusal::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_gzip",
+                            format!("the gzip body could not be decoded: {e}"),
+                        )
+                    })?;
+                if inflated.len() > limit {
+                    return Err(too_large());
+                }
+                Ok(inflated)
+            }
+        }
+    }
+}
+
+enum Encoding {
+    Identity,
+    Gzip,
+}
+
+/// Maps a path to what it is for. Any prefix before `/v1/` is allowed: Node's client lets
+/// users set one (e.g. `/relay/v1/batch`).
+fn route(path: &str) -> Route {
+    if path == "/health" {
+        return Route::Health;
+    }
+    let mut segments = path.trim_end_matches('/').rsplit('/');
+    match (segments.next(), segments.next()) {
+        (Some(name), Some("v1")) => Endpoint::from_name(name)
+            .map(Route::Calls)
+            .unwrap_or(Route::NotFound),
+        _ => Route::NotFound,
+    }
+}
+
+/// The writeKey from `Authorization: Basic base64(writeKey:)`, the colon optional.
+fn basic_auth_write_key(headers: &HeaderMap) -> Result<Option<String>, Refusal> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let invalid = |why: &str| {
+        Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_authorization",
+            format!("the Authorization header {why}; send Basic base64(writeKey:)"),
+        )
+    };
+    let value = value.to_str().map_err(|_| invalid("is not ASCII"))?;
+    let (scheme, credentials) = value
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| invalid("has no credentials"))?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(invalid("is not Basic"));
+    }
+    let credentials = credentials.trim();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(credentials))
+        .map_err(|_| invalid("is not valid base64"))?;
+    let decoded = String::from_utf8(decoded).map_err(|_| invalid("is not UTF-8"))?;
+    let key = match decoded.split_once(':') {
+        Some((user, _password)) => user,
+        None => decoded.as_str(),
+    };
+    Ok((!key.is_empty()).then(|| key.to_owned()))
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn refuse(refusal: Refusal) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&ErrorBody {
+        success: false,
+        code: refusal.code,
+        message: &refusal.message,
+    })
+    .expect("serializable");
+    let mut response = json(refusal.status, body);
+    if refusal.status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    response
+}
+
+fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
+    let mut response = refuse(Refusal::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this endpoint takes {allowed}"),
+    ));
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_with_and_without_colon() {
+        let mut headers = HeaderMap::new();
+        let key = |h: &HeaderMap| basic_auth_write_key(h).map_err(|r| r.code);
+        assert_eq!(key(&headers), Ok(None));
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Basic V1JJVEVLRVlfZ29fdGVzdDo="));
+        assert_eq!(key(&headers), Ok(Some("WRITEKEY_go_test".into())));
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("basic a2V5"));
+        assert_eq!(key(&headers), Ok(Some("key".into())));
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert_eq!(key(&headers), Err("invalid_authorization"));
+    }
+
+    #[test]
+    fn routes_take_any_prefix_before_v1() {
+        assert!(matches!(route("/v1/batch"), Route::Calls(Endpoint::Batch)));
+        assert!(matches!(route("/relay/v1/import"), Route::Calls(Endpoint::Batch)));
+        assert!(matches!(
+            route("/v1/group"),
+            Route::Calls(Endpoint::Single(spec::CallType::Group))
+        ));
+        assert!(matches!(route("/v2/batch"), Route::NotFound));
+        assert!(matches!(route("/v1/nope"), Route::NotFound));
+        assert!(matches!(route("/health"), Route::Health));
+    }
+}

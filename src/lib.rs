@@ -1,0 +1,34 @@
+//! grouprelay: a sidecar that takes Segment calls on a localhost socket, holds every one
+//! durably on disk before answering 200, and forwards them upstream.
+//!
+//! # Map
+//! | module | what it is |
+//! |---|---|
+//! | [`config`] | the one typed [`config::Config`]: flags > env > file > defaults |
+//! | [`daemon`] | start-up and shutdown order: queue, listeners, serve, close |
+//! | [`server`] | listeners (TCP and Unix) and the HTTP/1.1 connections on them |
+//! | [`ingest`] | the Tracking API: routes, writeKey, body limits, gzip, JSON answers |
+//! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
+//! | [`queue`] | the sled database: append with group commit, read in order, remove |
+//! | [`shutdown`] | the signal every task listens to |
+//! | [`clock`] | timestamps as Segment writes them |
+//!
+//! # A call's way through
+//! ```text
+//! client ─HTTP─▶ server ─▶ ingest ─▶ spec (normalise, validate)
+//!                             │
+//!                             ▼
+//!                           queue.append ──(group commit: flush + fdatasync)──▶ 200
+//! ```
+//! A call moves in one direction only; the queue is the single hand-off point between the
+//! request side and the delivery side (forwarding upstream reads the queue in order and
+//! removes calls once upstream has taken them).
+
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod ingest;
+pub mod queue;
+pub mod server;
+pub mod shutdown;
+pub mod spec;

@@ -1,0 +1,101 @@
+//! The `grouprelay` command line: parse, resolve the configuration, run, map errors to exit codes.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use grouprelay::config::{Config, Settings};
+use grouprelay::daemon::{self, DaemonError};
+use grouprelay::shutdown;
+
+/// A durable localhost relay for Segment calls: every call answered 200 is on disk.
+#[derive(Parser)]
+#[command(name = "grouprelay", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run(Settings),
+    /// Check a configuration and exit 0, or 2 naming the first problem.
+    Validate(Settings),
+}
+
+/// Exit status for a configuration that cannot be used.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let line = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("grouprelay: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (settings, validate_only) = match cli.command {
+        Command::Run(settings) => (settings, false),
+        Command::Validate(settings) => (settings, true),
+    };
+    let config = match Config::resolve(settings) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("grouprelay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if validate_only {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("grouprelay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(DaemonError::Config(e)) => {
+            eprintln!("grouprelay: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("grouprelay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), DaemonError> {
+    let (trigger, shutdown) = shutdown::channel();
+    tokio::spawn(async move {
+        match shutdown::signal().await {
+            Ok(name) => {
+                tracing::info!("{name} received; shutting down");
+                trigger.fire();
+            }
+            // Without signal handlers the default action (exit) applies; never fire early.
+            Err(e) => tracing::error!(error = %e, "cannot listen for signals"),
+        }
+    });
+    daemon::run(config, shutdown).await
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

@@ -1,0 +1,135 @@
+//! Group commit: one task makes the queue durable for every writer waiting on it.
+//!
+//! A writer inserts its calls, then waits for the first flush that *starts* after its insert.
+//! One committer task runs flushes back to back while anyone waits, so 64 concurrent requests
+//! share a handful of flushes instead of running 64 in series. A flush is sled's `flush()`
+//! (which writes with `sync_file_range`, enough to survive `kill -9`) followed by an
+//! `fdatasync` of sled's data file (what survives power loss; see `shared/notes/stack.md`).
+//! Only this task ever flushes: sled has lost-wakeup bugs with several flushes in flight.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+/// The outcome of the latest finished flush.
+#[derive(Debug, Clone)]
+struct Flushed {
+    generation: u64,
+    error: Option<Arc<str>>,
+}
+
+/// Shared between writers and the committer task.
+pub(crate) struct GroupCommit {
+    /// The generation the next flush to start will have.
+    next_generation: AtomicU64,
+    wake: Notify,
+    /// Set by writers in `interval` mode; the periodic flush skips a clean database.
+    dirty: AtomicBool,
+    stopping: AtomicBool,
+    flushed: watch::Receiver<Flushed>,
+}
+
+impl GroupCommit {
+    /// Starts the committer. With `period`, it also flushes on that interval (the `interval`
+    /// durability mode relies on this alone).
+    pub(crate) fn start(
+        db: sled::Db,
+        data_file: File,
+        period: Option<Duration>,
+    ) -> (Arc<GroupCommit>, JoinHandle<()>) {
+        let (tx, rx) = watch::channel(Flushed {
+            generation: 0,
+            error: None,
+        });
+        let shared = Arc::new(GroupCommit {
+            next_generation: AtomicU64::new(1),
+            wake: Notify::new(),
+            dirty: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            flushed: rx,
+        });
+        let task = tokio::spawn(committer(shared.clone(), db, Arc::new(data_file), period, tx));
+        (shared, task)
+    }
+
+    /// Waits until everything inserted before this call is durable on disk.
+    pub(crate) async fn durable(&self) -> Result<(), Arc<str>> {
+        let target = self.next_generation.load(Ordering::SeqCst);
+        self.wake.notify_one();
+        let mut flushed = self.flushed.clone();
+        let done = flushed
+            .wait_for(|f| f.generation >= target)
+            .await
+            .map_err(|_| Arc::<str>::from("the committer has stopped"))?;
+        match &done.error {
+            None => Ok(()),
+            Some(error) => Err(error.clone()),
+        }
+    }
+
+    /// Notes an insert that the periodic flush must cover.
+    pub(crate) fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::SeqCst);
+    }
+
+    /// Asks the committer to run one last flush and stop.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
+async fn committer(
+    shared: Arc<GroupCommit>,
+    db: sled::Db,
+    data_file: Arc<File>,
+    period: Option<Duration>,
+    flushed: watch::Sender<Flushed>,
+) {
+    let mut ticker = period.map(|p| {
+        let mut t = tokio::time::interval(p);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        let periodic = async {
+            match ticker.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = periodic => {
+                if !shared.dirty.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst) {
+                    continue;
+                }
+            }
+        }
+        let stopping = shared.stopping.load(Ordering::SeqCst);
+        shared.dirty.store(false, Ordering::SeqCst);
+        let generation = shared.next_generation.fetch_add(1, Ordering::SeqCst);
+        let (db, file) = (db.clone(), data_file.clone());
+        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
+            file.sync_data()
+                .map_err(|e| format!("fdatasync of the queue file failed: {e}"))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("flush task failed: {e}")));
+        let error = result.err().map(|e| {
+            tracing::error!(error = %e, "queue flush failed");
+            Arc::<str>::from(e)
+        });
+        flushed.send_replace(Flushed { generation, error });
+        if stopping {
+            break;
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! The durable queue: every accepted call, in order, in one sled database, until delivered.
+//!
+//! # Guarantees
+//! - **Durable before acknowledged.** In [`Durability::Fsync`] mode, [`Queue::append`] returns
+//!   `Ok` only after a sled flush that started after the calls were inserted *and* an
+//!   `fdatasync` of sled's data file. A call whose append returned `Ok` survives `kill -9`
+//!   and power loss. In [`Durability::Interval`] mode, append returns after the insert and a
+//!   flush runs every `sync_interval`: calls acknowledged within that window before a crash
+//!   can be lost.
+//! - **All or nothing per request.** The calls of one append are inserted in one atomic
+//!   sled batch: after a crash either all of them are queued or none.
+//! - **FIFO.** Calls are keyed by a big-endian `u64` sequence, so key order is arrival order.
+//!   [`Queue::read`] hands out only calls whose whole append has been inserted, so a reader
+//!   never skips a call that a slower concurrent request is still writing.
+//! - **Removed only on request.** Calls leave the queue only through [`Queue::remove`], in one
+//!   atomic batch, called once upstream has taken them.
+//! - **Bounded.** Appends past `max_bytes` of stored records are refused with
+//!   [`QueueError::Full`]; nothing already queued is touched.
+//! - **Versioned.** Every record carries a format byte; a database written by a newer format
+//!   is refused at open.
+
+mod commit;
+pub mod record;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::spec::RejectedCall;
+use commit::GroupCommit;
+pub use record::{CallRecord, DecodeError, RejectedRecord};
+
+/// Name of the sled database directory inside the data dir.
+pub const DB_DIR: &str = "queue";
+const CALLS_TREE: &str = "calls";
+const REJECTED_TREE: &str = "rejected";
+const META_TREE: &str = "meta";
+const FORMAT_KEY: &str = "format";
+/// Stored size of a key, counted with each record against the byte limit.
+const KEY_LEN: u64 = 8;
+
+/// When an append counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After a flush and an fdatasync that cover the call (group commit).
+    Fsync,
+    /// After the insert; a periodic flush makes it durable.
+    Interval,
+}
+
+/// How to open the queue.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// The data dir; the database lives in its `queue/` subdirectory.
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    /// Most bytes of stored records (queued and rejected calls) before appends are refused.
+    pub max_bytes: u64,
+    /// sled's page cache. Its 1 GiB default would let a large backlog cost a large RSS.
+    pub cache_bytes: u64,
+    /// How often `interval` mode flushes.
+    pub sync_interval: Duration,
+}
+
+impl QueueOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> QueueOptions {
+        QueueOptions {
+            data_dir: data_dir.into(),
+            durability: Durability::Fsync,
+            max_bytes: 1 << 30,
+            cache_bytes: 64 << 20,
+            sync_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum QueueError {
+    /// The byte limit would be passed: try again later.
+    Full { stored: u64, limit: u64 },
+    /// sled or the filesystem failed.
+    Storage(String),
+    /// The database was written by a newer grouprelay.
+    NewerFormat(u8),
+}
+
+impl std::fmt::Display for QueueError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueError::Full { stored, limit } => {
+                write!(f, "queue is full ({stored} of {limit} bytes stored)")
+            }
+            QueueError::Storage(e) => write!(f, "queue storage error: {e}"),
+            QueueError::NewerFormat(v) => write!(
+                f,
+                "the queue was written by a newer grouprelay (format {v}; this build reads up to {})",
+                record::FORMAT_VERSION
+            ),
+        }
+    }
+}
+
+impl std::error::Error for QueueError {}
+
+impl From<sled::Error> for QueueError {
+    fn from(e: sled::Error) -> Self {
+        QueueError::Storage(e.to_string())
+    }
+}
+
+/// A call handed out by [`Queue::read`].
+#[derive(Debug, Clone)]
+pub struct QueuedCall {
+    pub id: u64,
+    pub record: CallRecord,
+    /// Bytes this call holds against the limit; give it back to [`Queue::remove`].
+    pub stored_bytes: u64,
+}
+
+/// Hands out sequence numbers, and tells how far the queue may be read: up to the first
+/// append still being inserted.
+struct Sequencer {
+    next: u64,
+    inserting: BTreeSet<u64>,
+}
+
+/// A handle on the queue; clones share it.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    calls: sled::Tree,
+    rejected: sled::Tree,
+    durability: Durability,
+    max_bytes: u64,
+    stored_bytes: AtomicU64,
+    sequencer: Mutex<Sequencer>,
+    /// Woken when new calls become readable.
+    appended: Notify,
+    commit: Arc<GroupCommit>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Queue {
+    /// Opens (or creates) the queue in `options.data_dir`. Must run inside a tokio runtime:
+    /// it starts the committer task.
+    pub fn open(options: QueueOptions) -> Result<Queue, QueueError> {
+        let path = db_path(&options.data_dir);
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(options.cache_bytes)
+            // The committer owns flushing: sled's own flusher would race it.
+            .flush_every_ms(None)
+            .open()?;
+        let meta = db.open_tree(META_TREE)?;
+        match meta.get(FORMAT_KEY)?.as_deref() {
+            Some([v]) if *v > record::FORMAT_VERSION => return Err(QueueError::NewerFormat(*v)),
+            Some(_) => {}
+            None => {
+                meta.insert(FORMAT_KEY, &[record::FORMAT_VERSION])?;
+            }
+        }
+        let calls = db.open_tree(CALLS_TREE)?;
+        let rejected = db.open_tree(REJECTED_TREE)?;
+        let next = match calls.last()? {
+            Some((key, _)) => decode_key(&key)? + 1,
+            None => 0,
+        };
+        let mut stored = 0;
+        for tree in [&calls, &rejected] {
+            for value in tree.iter().values() {
+                stored += value?.len() as u64 + KEY_LEN;
+            }
+        }
+        db.flush()?;
+        let data_file = File::open(path.join("db")).map_err(|e| {
+            QueueError::Storage(format!("cannot open {}: {e}", path.join("db").display()))
+        })?;
+        let period = (options.durability == Durability::Interval).then_some(options.sync_interval);
+        let (commit, committer) = GroupCommit::start(db.clone(), data_file, period);
+        Ok(Queue {
+            inner: Arc::new(Inner {
+                db,
+                calls,
+                rejected,
+                durability: options.durability,
+                max_bytes: options.max_bytes,
+                stored_bytes: AtomicU64::new(stored),
+                sequencer: Mutex::new(Sequencer {
+                    next,
+                    inserting: BTreeSet::new(),
+                }),
+                appended: Notify::new(),
+                commit,
+                committer: Mutex::new(Some(committer)),
+            }),
+        })
+    }
+
+    /// Queues one request's calls (and keeps its rejected calls), durably per the
+    /// durability mode. Either every call is queued or, on error, none is.
+    pub async fn append(
+        &self,
+        write_key: &str,
+        received_ms: u64,
+        calls: &[Vec<u8>],
+        rejected: &[RejectedCall],
+    ) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        let records: Vec<Vec<u8>> = calls
+            .iter()
+            .map(|call| record::encode_call(write_key, received_ms, call))
+            .collect();
+        let rejected_records = rejected
+            .iter()
+            .map(|r| rejected_record(write_key, received_ms, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let size: u64 = records
+            .iter()
+            .chain(&rejected_records)
+            .map(|r| r.len() as u64 + KEY_LEN)
+            .sum();
+        self.reserve(size)?;
+
+        let inserted = (|| -> Result<(), QueueError> {
+            if !rejected_records.is_empty() {
+                let mut batch = sled::Batch::default();
+                for record in rejected_records {
+                    batch.insert(&inner.db.generate_id()?.to_be_bytes(), record);
+                }
+                inner.rejected.apply_batch(batch)?;
+            }
+            if !records.is_empty() {
+                let first = inner.begin_insert(records.len() as u64);
+                let mut batch = sled::Batch::default();
+                for (id, record) in (first..).zip(records) {
+                    batch.insert(&id.to_be_bytes(), record);
+                }
+                let result = inner.calls.apply_batch(batch);
+                inner.end_insert(first);
+                result?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = inserted {
+            inner.stored_bytes.fetch_sub(size, Ordering::SeqCst);
+            tracing::error!(error = %e, "queue insert failed");
+            return Err(e);
+        }
+        inner.appended.notify_waiters();
+        match inner.durability {
+            Durability::Fsync => inner.commit.durable().await.map_err(|e| {
+                QueueError::Storage(format!("calls inserted but not made durable: {e}"))
+            }),
+            Durability::Interval => {
+                inner.commit.mark_dirty();
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes `size` bytes of the limit, or refuses without touching anything.
+    fn reserve(&self, size: u64) -> Result<(), QueueError> {
+        let limit = self.inner.max_bytes;
+        self.inner
+            .stored_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |stored| {
+                stored.checked_add(size).filter(|&total| total <= limit)
+            })
+            .map(|_| ())
+            .map_err(|stored| QueueError::Full { stored, limit })
+    }
+
+    /// Up to `limit` readable calls with ids of `from` or more, in queue order.
+    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
+        let end = self.inner.readable_end();
+        let mut out = Vec::new();
+        if from >= end {
+            return Ok(out);
+        }
+        for item in self
+            .inner
+            .calls
+            .range(from.to_be_bytes()..end.to_be_bytes())
+            .take(limit)
+        {
+            let (key, value) = item?;
+            let id = decode_key(&key)?;
+            let record = record::decode_call(&value).map_err(|e| match e {
+                DecodeError::NewerFormat(v) => QueueError::NewerFormat(v),
+                damaged => QueueError::Storage(format!("call {id}: {damaged}")),
+            })?;
+            out.push(QueuedCall {
+                id,
+                record,
+                stored_bytes: value.len() as u64 + KEY_LEN,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes delivered calls in one atomic step and gives their bytes back to the limit.
+    pub fn remove(&self, calls: &[QueuedCall]) -> Result<(), QueueError> {
+        let mut batch = sled::Batch::default();
+        for call in calls {
+            batch.remove(&call.id.to_be_bytes());
+        }
+        self.inner.calls.apply_batch(batch)?;
+        let freed: u64 = calls.iter().map(|c| c.stored_bytes).sum();
+        self.inner.stored_bytes.fetch_sub(freed, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Resolves when calls appended after this call was made become readable.
+    pub async fn appended(&self) {
+        self.inner.appended.notified().await
+    }
+
+    /// Calls in the queue.
+    pub fn len(&self) -> usize {
+        self.inner.calls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.calls.is_empty()
+    }
+
+    /// Bytes of stored records counted against the limit.
+    pub fn stored_bytes(&self) -> u64 {
+        self.inner.stored_bytes.load(Ordering::SeqCst)
+    }
+
+    /// The calls ingest refused inside accepted batches, oldest first.
+    pub fn rejected(&self) -> Result<Vec<RejectedRecord>, QueueError> {
+        self.inner
+            .rejected
+            .iter()
+            .values()
+            .map(|value| {
+                let value = value?;
+                serde_json::from_slice(&value)
+                    .map_err(|e| QueueError::Storage(format!("damaged rejected record: {e}")))
+            })
+            .collect()
+    }
+
+    /// Makes everything inserted so far durable, then stops the committer. Appends after
+    /// this fail; reads still work.
+    pub async fn close(&self) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        let result = inner.commit.durable().await;
+        inner.commit.stop();
+        let committer = inner.committer.lock().expect("committer lock").take();
+        if let Some(task) = committer {
+            let _ = task.await;
+        }
+        result.map_err(|e| QueueError::Storage(e.to_string()))
+    }
+}
+
+impl Inner {
+    fn begin_insert(&self, count: u64) -> u64 {
+        let mut seq = self.sequencer.lock().expect("sequencer lock");
+        let first = seq.next;
+        seq.next += count;
+        seq.inserting.insert(first);
+        first
+    }
+
+    fn end_insert(&self, first: u64) {
+        self.sequencer
+            .lock()
+            .expect("sequencer lock")
+            .inserting
+            .remove(&first);
+    }
+
+    /// One past the last id a reader may see: every id below it is fully inserted.
+    fn readable_end(&self) -> u64 {
+        let seq = self.sequencer.lock().expect("sequencer lock");
+        seq.inserting.first().copied().unwrap_or(seq.next)
+    }
+}
+
+fn rejected_record(
+    write_key: &str,
+    received_ms: u64,
+    rejected: &RejectedCall,
+) -> Result<Vec<u8>, QueueError> {
+    let call = RawValue::from_string(String::from_utf8_lossy(&rejected.raw).into_owned())
+        .map_err(|e| QueueError::Storage(format!("rejected call is not JSON: {e}")))?;
+    serde_json::to_vec(&RejectedRecord {
+        version: record::FORMAT_VERSION,
+        received_ms,
+        write_key: write_key.to_owned(),
+        index: rejected.index,
+        code: rejected.violation.code.to_owned(),
+        message: rejected.violation.message.clone(),
+        call,
+    })
+    .map_err(|e| QueueError::Storage(e.to_string()))
+}
+
+fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DB_DIR)
+}
+
+fn decode_key(key: &[u8]) -> Result<u64, QueueError> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| QueueError::Storage(format!("queue key of {} bytes", key.len())))
+}

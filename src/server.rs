@@ -1,0 +1,155 @@
+//! The server: binds the listeners and serves [`Ingest`] on each until shutdown.
+//!
+//! Each listener runs one accept loop; each connection is an HTTP/1.1 connection with a
+//! header read timeout, watched by a graceful-shutdown guard so that on shutdown the loop
+//! stops accepting and waits for in-flight requests to be answered.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::ListenAddr;
+use crate::ingest::Ingest;
+use crate::shutdown::Shutdown;
+
+/// A client must send its request headers within this time (slow-loris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for in-flight requests before dropping their connections.
+const DRAIN_REQUESTS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The socket file is removed when the listener stops.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A Unix socket gets mode 0660; a stale socket file left by a dead
+    /// process is replaced, but a live one, or a file that is not a socket, is an error.
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(socket) => Ok(Listener::Tcp(TcpListener::bind(socket).await?)),
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path)?;
+                let listener = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    /// Where this listener actually listens (the real port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<ListenAddr> {
+        match self {
+            Listener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
+            Listener::Unix(_, path) => Ok(ListenAddr::Unix(path.clone())),
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process is listening on {}", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Serves every listener until `shutdown` fires, then waits for in-flight requests.
+pub async fn run(listeners: Vec<Listener>, ingest: Arc<Ingest>, shutdown: Shutdown) {
+    let tasks: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| tokio::spawn(serve(listener, ingest.clone(), shutdown.clone())))
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+async fn serve(listener: Listener, ingest: Arc<Ingest>, mut shutdown: Shutdown) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.recv() => break,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(Stream::Tcp(stream)) => {
+                let _ = stream.set_nodelay(true);
+                serve_connection(stream, &ingest, &graceful);
+            }
+            Ok(Stream::Unix(stream)) => serve_connection(stream, &ingest, &graceful),
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_REQUESTS_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish in time; closing their connections");
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<Stream> {
+    match listener {
+        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+    }
+}
+
+fn serve_connection<S>(stream: S, ingest: &Arc<Ingest>, graceful: &GracefulShutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ingest = ingest.clone();
+    let service = service_fn(move |req| {
+        let ingest = ingest.clone();
+        async move { ingest.handle(req).await }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}

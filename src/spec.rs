@@ -1,0 +1,599 @@
+//! The Segment call: parse a request body, normalise each call and validate it against the spec.
+//!
+//! The facts followed here are in `shared/spec/group-call.md` and `shared/spec/http-api.md`.
+//! A body is never turned into a `serde_json::Value` tree: each object is read as an ordered
+//! list of `(key, raw value)` pairs borrowed from the request bytes, checked by looking at the
+//! raw values, and written back only when normalising has to change something. Values we do
+//! not touch (traits, unknown keys, `null`s, numbers) therefore reach the queue byte for byte.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Largest serialized call upstream accepts (`http-api.md`, "Sizes").
+pub const MAX_CALL_BYTES: usize = 32 * 1024;
+/// Most calls one request may carry. No official client sends more than 250; upstream takes
+/// at most 2,500 per batch.
+pub const MAX_CALLS_PER_REQUEST: usize = 2_500;
+/// `messageId` must be shorter than this many characters.
+const MAX_MESSAGE_ID_CHARS: usize = 100;
+
+/// The six Segment call types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallType {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl CallType {
+    pub fn from_name(name: &str) -> Option<CallType> {
+        Some(match name {
+            "identify" => CallType::Identify,
+            "track" => CallType::Track,
+            "page" => CallType::Page,
+            "screen" => CallType::Screen,
+            "group" => CallType::Group,
+            "alias" => CallType::Alias,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallType::Identify => "identify",
+            CallType::Track => "track",
+            CallType::Page => "page",
+            CallType::Screen => "screen",
+            CallType::Group => "group",
+            CallType::Alias => "alias",
+        }
+    }
+}
+
+/// What kind of body a path takes: a batch (`/v1/batch`, `/v1/import`, `/v1/b`) or one call
+/// whose type the path names (`/v1/group`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Batch,
+    Single(CallType),
+}
+
+impl Endpoint {
+    /// The endpoint for the last path segment after `/v1/`.
+    pub fn from_name(name: &str) -> Option<Endpoint> {
+        match name {
+            "batch" | "import" | "b" => Some(Endpoint::Batch),
+            other => CallType::from_name(other).map(Endpoint::Single),
+        }
+    }
+}
+
+/// Why a call, or a whole body, breaks the spec: a stable machine-readable `code` and a
+/// message for a human that names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Violation {
+    fn new(code: &'static str, message: impl Into<String>) -> Violation {
+        Violation {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// A call refused inside an otherwise good batch. It is kept, with its reason, in the
+/// queue's rejected store: never dropped silently.
+#[derive(Debug, Clone)]
+pub struct RejectedCall {
+    /// Position in the request's `batch` array (0 for a single-call path).
+    pub index: usize,
+    pub violation: Violation,
+    /// The call as the client sent it.
+    pub raw: Vec<u8>,
+}
+
+/// A parsed, normalised request body.
+#[derive(Debug, Default)]
+pub struct Body {
+    /// The body's own `writeKey`, when it has one (used only when no Basic auth came).
+    pub write_key: Option<String>,
+    /// Normalised calls, ready to queue, in request order.
+    pub calls: Vec<Vec<u8>>,
+    /// Calls that break the spec (batches only: a single-call path refuses the body).
+    pub rejected: Vec<RejectedCall>,
+}
+
+/// Per-request facts normalising needs.
+pub struct Receipt<'a> {
+    /// The time of receipt, RFC 3339 with milliseconds, stamped on calls without `timestamp`.
+    pub timestamp: &'a str,
+    /// Makes a `messageId` for calls that have none.
+    pub new_message_id: &'a mut dyn FnMut() -> String,
+}
+
+/// Parses, normalises and validates one request body.
+///
+/// `Err` refuses the whole body (unparseable JSON, a batch that is not an array, or a bad
+/// call on a single-call path); `Ok` may still carry rejected calls of a batch.
+pub fn parse_body(
+    endpoint: Endpoint,
+    bytes: &[u8],
+    receipt: &mut Receipt<'_>,
+) -> Result<Body, Violation> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| Violation::new("invalid_json", "the body is not valid UTF-8"))?;
+    let top = Entries::parse(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            Violation::new("invalid_body", "the body must be a JSON object")
+        }
+        _ => Violation::new("invalid_json", format!("the body is not valid JSON: {e}")),
+    })?;
+    let write_key = match top.get("writeKey") {
+        None => None,
+        Some(raw) => match kind(raw) {
+            Kind::Null => None,
+            Kind::String => {
+                let key: String = serde_json::from_str(raw.get())
+                    .map_err(|_| Violation::new("invalid_write_key", "writeKey is not a string"))?;
+                (!key.is_empty()).then_some(key)
+            }
+            _ => {
+                return Err(Violation::new(
+                    "invalid_write_key",
+                    "writeKey must be a string",
+                ))
+            }
+        },
+    };
+
+    match endpoint {
+        Endpoint::Single(call_type) => {
+            let call = normalise(&top, Some(call_type), None, receipt)?;
+            Ok(Body {
+                write_key,
+                calls: vec![call],
+                rejected: Vec::new(),
+            })
+        }
+        Endpoint::Batch => {
+            let shared = Shared {
+                context: object_field(&top, "context", "invalid_context")?,
+                integrations: object_field(&top, "integrations", "invalid_integrations")?,
+            };
+            let batch = match top.get("batch") {
+                None => return Err(Violation::new("missing_batch", "the body has no batch")),
+                Some(raw) if kind(raw) == Kind::Array => raw,
+                Some(_) => {
+                    return Err(Violation::new(
+                        "invalid_batch",
+                        "batch must be an array of calls",
+                    ))
+                }
+            };
+            let items: Vec<&RawValue> = serde_json::from_str(batch.get())
+                .map_err(|e| Violation::new("invalid_json", format!("batch: {e}")))?;
+            if items.is_empty() {
+                return Err(Violation::new("empty_batch", "batch has no calls"));
+            }
+            if items.len() > MAX_CALLS_PER_REQUEST {
+                return Err(Violation::new(
+                    "too_many_calls",
+                    format!(
+                        "batch has {} calls; at most {MAX_CALLS_PER_REQUEST} are accepted per request",
+                        items.len()
+                    ),
+                ));
+            }
+            let mut body = Body {
+                write_key,
+                calls: Vec::with_capacity(items.len()),
+                rejected: Vec::new(),
+            };
+            for (index, item) in items.into_iter().enumerate() {
+                let outcome = match Entries::parse(item.get()) {
+                    Ok(fields) => normalise(&fields, None, Some(&shared), receipt),
+                    Err(_) => Err(Violation::new(
+                        "invalid_call",
+                        format!("batch[{index}] is not a JSON object"),
+                    )),
+                };
+                match outcome {
+                    Ok(call) => body.calls.push(call),
+                    Err(violation) => body.rejected.push(RejectedCall {
+                        index,
+                        violation,
+                        raw: item.get().as_bytes().to_vec(),
+                    }),
+                }
+            }
+            Ok(body)
+        }
+    }
+}
+
+/// Batch-level `context` and `integrations`, merged into every item.
+struct Shared<'a> {
+    context: Option<&'a RawValue>,
+    integrations: Option<&'a RawValue>,
+}
+
+/// Keys that never reach the queue: the writeKey travels beside the call, and `sentAt` is
+/// set afresh on every upload.
+const STRIPPED: [&str; 2] = ["writeKey", "sentAt"];
+
+/// Validates one call and returns its normalised bytes.
+fn normalise(
+    fields: &Entries<'_>,
+    path_type: Option<CallType>,
+    shared: Option<&Shared<'_>>,
+    receipt: &mut Receipt<'_>,
+) -> Result<Vec<u8>, Violation> {
+    let given_type = fields.get("type");
+    let call_type = match path_type {
+        Some(t) => t,
+        None => match given_type {
+            None => return Err(Violation::new("missing_type", "type is required in a batch")),
+            Some(raw) => serde_json::from_str::<Cow<'_, str>>(raw.get())
+                .ok()
+                .and_then(|name| CallType::from_name(&name))
+                .ok_or_else(|| {
+                    Violation::new(
+                        "invalid_type",
+                        format!("type {} is not a Segment call type", raw.get()),
+                    )
+                })?,
+        },
+    };
+    validate(fields, call_type)?;
+
+    let message_id = present(fields.get("messageId"));
+    let timestamp = present(fields.get("timestamp"));
+    let context = shared.and_then(|s| s.context);
+    let integrations = shared.and_then(|s| s.integrations);
+    let type_is_right = given_type.is_some_and(|raw| raw.get() == quoted(call_type.as_str()));
+    let unchanged = type_is_right
+        && message_id.is_some()
+        && timestamp.is_some()
+        && context.is_none()
+        && integrations.is_none()
+        && !fields.has_any(&STRIPPED);
+
+    let bytes = if unchanged {
+        fields.source.as_bytes().to_vec()
+    } else {
+        let mut out = Vec::with_capacity(fields.source.len() + 128);
+        let mut writer = ObjectWriter::new(&mut out);
+        let merged_context = context.map(|c| merge(fields.get("context"), c));
+        let merged_integrations = integrations.map(|i| merge(fields.get("integrations"), i));
+        let (mut wrote_context, mut wrote_integrations) = (false, false);
+        for (key, value) in &fields.pairs {
+            match key.as_ref() {
+                k if STRIPPED.contains(&k) => {}
+                // Rewritten below where missing or null; only the last duplicate counts.
+                "type" | "messageId" | "timestamp" => {}
+                "context" if merged_context.is_some() => {
+                    if !wrote_context {
+                        writer.field("context", merged_context.as_deref().unwrap_or("{}"));
+                        wrote_context = true;
+                    }
+                }
+                "integrations" if merged_integrations.is_some() => {
+                    if !wrote_integrations {
+                        writer.field(
+                            "integrations",
+                            merged_integrations.as_deref().unwrap_or("{}"),
+                        );
+                        wrote_integrations = true;
+                    }
+                }
+                k => writer.field(k, value.get()),
+            }
+        }
+        writer.field("type", &quoted(call_type.as_str()));
+        match message_id {
+            Some(id) => writer.field("messageId", id.get()),
+            None => writer.field("messageId", &quoted(&(receipt.new_message_id)())),
+        }
+        match timestamp {
+            Some(ts) => writer.field("timestamp", ts.get()),
+            None => writer.field("timestamp", &quoted(receipt.timestamp)),
+        }
+        if let (Some(merged), false) = (&merged_context, wrote_context) {
+            writer.field("context", merged);
+        }
+        if let (Some(merged), false) = (&merged_integrations, wrote_integrations) {
+            writer.field("integrations", merged);
+        }
+        writer.finish();
+        out
+    };
+    if bytes.len() > MAX_CALL_BYTES {
+        return Err(Violation::new(
+            "call_too_large",
+            format!(
+                "the call is {} bytes serialized; at most {MAX_CALL_BYTES} are accepted",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Checks the fields that `group-call.md` requires of each call type.
+fn validate(fields: &Entries<'_>, call_type: CallType) -> Result<(), Violation> {
+    let user_id = id_field(fields, "userId")?;
+    let anonymous_id = id_field(fields, "anonymousId")?;
+    match call_type {
+        CallType::Alias => {
+            if !user_id {
+                return Err(Violation::new("missing_user_id", "alias requires userId"));
+            }
+            if !id_field(fields, "previousId")? {
+                return Err(Violation::new(
+                    "missing_previous_id",
+                    "alias requires previousId",
+                ));
+            }
+        }
+        _ if !user_id && !anonymous_id => {
+            return Err(Violation::new(
+                "missing_user_id",
+                "userId or anonymousId is required",
+            ))
+        }
+        CallType::Group => {
+            if !id_field(fields, "groupId")? {
+                return Err(Violation::new("missing_group_id", "group requires groupId"));
+            }
+        }
+        CallType::Track => match present(fields.get("event")) {
+            Some(raw) if kind(raw) == Kind::String && raw.get() != "\"\"" => {}
+            Some(_) => {
+                return Err(Violation::new(
+                    "invalid_event",
+                    "event must be a non-empty string",
+                ))
+            }
+            None => return Err(Violation::new("missing_event", "track requires event")),
+        },
+        CallType::Identify | CallType::Page | CallType::Screen => {}
+    }
+    for (name, code) in [
+        ("traits", "invalid_traits"),
+        ("context", "invalid_context"),
+        ("integrations", "invalid_integrations"),
+    ] {
+        object_field(fields, name, code)?;
+    }
+    if let Some(raw) = present(fields.get("messageId")) {
+        let id: Option<Cow<'_, str>> = serde_json::from_str(raw.get()).ok();
+        match id {
+            Some(id) if !id.is_empty() && id.chars().count() < MAX_MESSAGE_ID_CHARS => {}
+            _ => {
+                return Err(Violation::new(
+                    "invalid_message_id",
+                    format!(
+                        "messageId must be a non-empty string under {MAX_MESSAGE_ID_CHARS} characters"
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(raw) = present(fields.get("timestamp")) {
+        if kind(raw) != Kind::String {
+            return Err(Violation::new(
+                "invalid_timestamp",
+                "timestamp must be an ISO-8601 string",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether an id field holds a usable id. A string or a number is an id; `null`, an empty
+/// string or absence counts as missing; any other type is an error naming the field.
+fn id_field(fields: &Entries<'_>, name: &str) -> Result<bool, Violation> {
+    match fields.get(name).map(|raw| (kind(raw), raw)) {
+        None | Some((Kind::Null, _)) => Ok(false),
+        Some((Kind::String, raw)) => Ok(raw.get() != "\"\""),
+        Some((Kind::Number, _)) => Ok(true),
+        Some(_) => Err(Violation::new(
+            id_code(name),
+            format!("{name} must be a string or a number"),
+        )),
+    }
+}
+
+fn id_code(name: &str) -> &'static str {
+    match name {
+        "userId" => "invalid_user_id",
+        "anonymousId" => "invalid_anonymous_id",
+        "groupId" => "invalid_group_id",
+        _ => "invalid_previous_id",
+    }
+}
+
+/// A field that must be an object when present (and not `null`).
+fn object_field<'a>(
+    fields: &Entries<'a>,
+    name: &str,
+    code: &'static str,
+) -> Result<Option<&'a RawValue>, Violation> {
+    match present(fields.get(name)) {
+        None => Ok(None),
+        Some(raw) if kind(raw) == Kind::Object => Ok(Some(raw)),
+        Some(_) => Err(Violation::new(code, format!("{name} must be an object"))),
+    }
+}
+
+/// A field that is present and not `null`.
+fn present(raw: Option<&RawValue>) -> Option<&RawValue> {
+    raw.filter(|r| kind(r) != Kind::Null)
+}
+
+/// Merges a batch-level object into a call's own: the call's keys win.
+fn merge(own: Option<&RawValue>, shared: &RawValue) -> String {
+    let own = present(own).and_then(|raw| Entries::parse(raw.get()).ok());
+    let Some(own) = own else {
+        return shared.get().to_owned();
+    };
+    let Ok(shared) = Entries::parse(shared.get()) else {
+        return own.source.to_owned();
+    };
+    let mut out = Vec::with_capacity(own.source.len() + shared.source.len());
+    let mut writer = ObjectWriter::new(&mut out);
+    for (key, value) in &own.pairs {
+        writer.field(key, value.get());
+    }
+    for (key, value) in &shared.pairs {
+        if own.get(key).is_none() {
+            writer.field(key, value.get());
+        }
+    }
+    writer.finish();
+    String::from_utf8(out).expect("JSON written from UTF-8 parts")
+}
+
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).expect("a string always serializes")
+}
+
+/// The JSON type of a raw value, read from its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Null,
+    Bool,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+fn kind(raw: &RawValue) -> Kind {
+    match raw.get().as_bytes().first() {
+        Some(b'n') => Kind::Null,
+        Some(b't' | b'f') => Kind::Bool,
+        Some(b'"') => Kind::String,
+        Some(b'[') => Kind::Array,
+        Some(b'{') => Kind::Object,
+        _ => Kind::Number,
+    }
+}
+
+/// Writes a JSON object from keys and already-serialized values.
+struct ObjectWriter<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> ObjectWriter<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        ObjectWriter { out, first: true }
+    }
+
+    fn field(&mut self, key: &str, raw_value: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        serde_json::to_writer(&mut *self.out, key).expect("writing to a Vec cannot fail");
+        self.out.push(b':');
+        self.out.extend_from_slice(raw_value.as_bytes());
+    }
+
+    fn finish(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// A JSON object read as its ordered `(key, raw value)` pairs, borrowed from the source text.
+struct Entries<'a> {
+    /// The object's own text.
+    source: &'a str,
+    pairs: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'a> Entries<'a> {
+    /// Reads `source` as one JSON object. A syntax error and a value that is not an object
+    /// are told apart by the error's category.
+    fn parse(source: &'a str) -> Result<Entries<'a>, serde_json::Error> {
+        let Pairs(pairs) = serde_json::from_str(source)?;
+        Ok(Entries {
+            source: source.trim_matches(|c: char| c.is_ascii_whitespace()),
+            pairs,
+        })
+    }
+
+    /// The last value under `key`, as JSON parsers that keep one value per key would see it.
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    fn has_any(&self, keys: &[&str]) -> bool {
+        self.pairs.iter().any(|(k, _)| keys.contains(&k.as_ref()))
+    }
+}
+
+struct Pairs<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Pairs<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PairsVisitor;
+        impl<'de> Visitor<'de> for PairsVisitor {
+            type Value = Pairs<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(Key(key)) = map.next_key()? {
+                    pairs.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Pairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(PairsVisitor)
+    }
+}
+
+/// An object key, borrowed from the source unless it had escapes to undo.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
