@@ -22,7 +22,12 @@ pub const DEFAULT_UPSTREAM: &str = "https://api.segment.io";
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Settings {
     /// Where to listen: HOST:PORT or unix:PATH. Repeatable [default: 127.0.0.1:8788]
-    #[arg(long, value_name = "ADDR", env = "GROUPRELAY_LISTEN", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "GROUPRELAY_LISTEN",
+        value_delimiter = ','
+    )]
     pub listen: Option<Vec<String>>,
 
     /// Where the queue lives [default: $STATE_DIRECTORY, else the per-user data dir]
@@ -34,7 +39,12 @@ pub struct Settings {
     pub upstream: Option<String>,
 
     /// writeKey for requests that carry none (never logged)
-    #[arg(long, value_name = "KEY", env = "GROUPRELAY_WRITE_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "GROUPRELAY_WRITE_KEY",
+        hide_env_values = true
+    )]
     pub write_key: Option<String>,
 
     /// When a 200 is sent: fsync (after an fdatasync covering the call) or interval [default: fsync]
@@ -61,6 +71,34 @@ pub struct Settings {
     #[arg(long, env = "GROUPRELAY_ALLOW_REMOTE", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub allow_remote: Option<bool>,
 
+    /// Most calls in one upstream batch, at most 2500 [default: 500]
+    #[arg(long, value_name = "N", env = "GROUPRELAY_MAX_BATCH_EVENTS")]
+    pub max_batch_events: Option<usize>,
+
+    /// gzip upstream request bodies [default: true]
+    #[arg(long, env = "GROUPRELAY_UPSTREAM_GZIP", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub upstream_gzip: Option<bool>,
+
+    /// Upstream request timeout, in ms [default: 10000]
+    #[arg(long, value_name = "N", env = "GROUPRELAY_UPSTREAM_TIMEOUT_MS")]
+    pub upstream_timeout_ms: Option<u64>,
+
+    /// Upstream batches in flight at once [default: 2]
+    #[arg(long, value_name = "N", env = "GROUPRELAY_UPSTREAM_CONCURRENCY")]
+    pub upstream_concurrency: Option<usize>,
+
+    /// Longest wait between retries, in ms [default: 60000]
+    #[arg(long, value_name = "N", env = "GROUPRELAY_RETRY_MAX_INTERVAL_MS")]
+    pub retry_max_interval_ms: Option<u64>,
+
+    /// Calls older than this are dead-lettered as expired instead of sent: 7d, 12h, 30m, 90s [default: 7d]
+    #[arg(long, value_name = "AGE", env = "GROUPRELAY_MAX_AGE")]
+    pub max_age: Option<String>,
+
+    /// On shutdown, how long to keep delivering the queue, in ms [default: 5000]
+    #[arg(long, value_name = "N", env = "GROUPRELAY_DRAIN_TIMEOUT_MS")]
+    pub drain_timeout_ms: Option<u64>,
+
     /// TOML file with the same keys as these flags
     #[arg(long, value_name = "FILE", env = "GROUPRELAY_CONFIG")]
     #[serde(skip)]
@@ -80,7 +118,17 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub sync_interval: Duration,
     pub allow_remote: bool,
+    pub max_batch_events: usize,
+    pub upstream_gzip: bool,
+    pub upstream_timeout: Duration,
+    pub upstream_concurrency: usize,
+    pub retry_max_interval: Duration,
+    pub max_age: Duration,
+    pub drain_timeout: Duration,
 }
+
+/// Upstream takes at most this many calls per batch (more are silently dropped).
+pub const MAX_BATCH_EVENTS: usize = 2_500;
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,7 +165,11 @@ impl ConfigError {
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // One line, whatever the underlying error printed.
-        let problem = self.problem.split_whitespace().collect::<Vec<_>>().join(" ");
+        let problem = self
+            .problem
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         write!(f, "{}: {}", self.setting, problem)
     }
 }
@@ -138,6 +190,13 @@ impl Settings {
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
             sync_interval_ms: self.sync_interval_ms.or(lower.sync_interval_ms),
             allow_remote: self.allow_remote.or(lower.allow_remote),
+            max_batch_events: self.max_batch_events.or(lower.max_batch_events),
+            upstream_gzip: self.upstream_gzip.or(lower.upstream_gzip),
+            upstream_timeout_ms: self.upstream_timeout_ms.or(lower.upstream_timeout_ms),
+            upstream_concurrency: self.upstream_concurrency.or(lower.upstream_concurrency),
+            retry_max_interval_ms: self.retry_max_interval_ms.or(lower.retry_max_interval_ms),
+            max_age: self.max_age.or(lower.max_age),
+            drain_timeout_ms: self.drain_timeout_ms.or(lower.drain_timeout_ms),
             config: self.config.or(lower.config),
         }
     }
@@ -145,14 +204,18 @@ impl Settings {
     /// Reads a TOML settings file.
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
         let setting = "--config";
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(setting, format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(setting, format!("cannot read {}: {e}", path.display()))
+        })?;
         toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
                 .map(|span| format!(" (line {})", text[..span.start].lines().count().max(1)))
                 .unwrap_or_default();
-            ConfigError::new(setting, format!("{}: {}{line}", path.display(), e.message()))
+            ConfigError::new(
+                setting,
+                format!("{}: {}{line}", path.display(), e.message()),
+            )
         })
     }
 }
@@ -177,7 +240,10 @@ impl Config {
             .map(|addr| parse_listen(addr, allow_remote))
             .collect::<Result<Vec<_>, _>>()?;
         if listen.is_empty() {
-            return Err(ConfigError::new("--listen", "at least one address is needed"));
+            return Err(ConfigError::new(
+                "--listen",
+                "at least one address is needed",
+            ));
         }
         let upstream = s.upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
         let upstream = upstream.trim_end_matches('/').to_owned();
@@ -210,8 +276,41 @@ impl Config {
         };
         let max_queue_bytes = positive("--max-queue-bytes", s.max_queue_bytes, 1 << 30)?;
         let flush_interval_ms = positive("--flush-interval-ms", s.flush_interval_ms, 500)?;
-        let max_body_bytes = positive("--max-body-bytes", s.max_body_bytes.map(|n| n as u64), 1 << 20)?;
+        let max_body_bytes = positive(
+            "--max-body-bytes",
+            s.max_body_bytes.map(|n| n as u64),
+            1 << 20,
+        )?;
         let sync_interval_ms = positive("--sync-interval-ms", s.sync_interval_ms, 200)?;
+        let max_batch_events = positive(
+            "--max-batch-events",
+            s.max_batch_events.map(|n| n as u64),
+            500,
+        )? as usize;
+        if max_batch_events > MAX_BATCH_EVENTS {
+            return Err(ConfigError::new(
+                "--max-batch-events",
+                format!("{max_batch_events} is over upstream's limit of {MAX_BATCH_EVENTS}"),
+            ));
+        }
+        let upstream_timeout_ms = positive("--upstream-timeout-ms", s.upstream_timeout_ms, 10_000)?;
+        let upstream_concurrency = positive(
+            "--upstream-concurrency",
+            s.upstream_concurrency.map(|n| n as u64),
+            2,
+        )? as usize;
+        let retry_max_interval_ms =
+            positive("--retry-max-interval-ms", s.retry_max_interval_ms, 60_000)?;
+        let max_age = match s.max_age.as_deref() {
+            None => Duration::from_secs(7 * 24 * 3600),
+            Some(text) => parse_age(text).ok_or_else(|| {
+                ConfigError::new(
+                    "--max-age",
+                    format!("{text:?} is not an age like 7d, 12h, 30m or 90s"),
+                )
+            })?,
+        };
+        let drain_timeout_ms = s.drain_timeout_ms.unwrap_or(5_000);
         let data_dir = match s.data_dir {
             Some(dir) => dir,
             None => default_data_dir().ok_or_else(|| {
@@ -233,8 +332,32 @@ impl Config {
                 .map_err(|_| ConfigError::new("--max-body-bytes", "too large"))?,
             sync_interval: Duration::from_millis(sync_interval_ms),
             allow_remote,
+            max_batch_events,
+            upstream_gzip: s.upstream_gzip.unwrap_or(true),
+            upstream_timeout: Duration::from_millis(upstream_timeout_ms),
+            upstream_concurrency,
+            retry_max_interval: Duration::from_millis(retry_max_interval_ms),
+            max_age,
+            drain_timeout: Duration::from_millis(drain_timeout_ms),
         })
     }
+}
+
+/// `7d`, `12h`, `30m`, `90s`, `500ms`, or a number of seconds; never zero.
+fn parse_age(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let age = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        "d" => Duration::from_secs(n.checked_mul(86_400)?),
+        _ => return None,
+    };
+    (!age.is_zero()).then_some(age)
 }
 
 fn positive(setting: &str, value: Option<u64>, default: u64) -> Result<u64, ConfigError> {
@@ -301,7 +424,12 @@ pub fn create_data_dir(dir: &Path) -> Result<(), ConfigError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| ConfigError::new("--data-dir", format!("cannot create {}: {e}", dir.display())))
+        .map_err(|e| {
+            ConfigError::new(
+                "--data-dir",
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -327,6 +455,15 @@ mod tests {
             vec![ListenAddr::Tcp("127.0.0.1:9000".parse().unwrap())]
         );
         assert_eq!(config.flush_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn ages_take_units() {
+        assert_eq!(parse_age("7d"), Some(Duration::from_secs(604_800)));
+        assert_eq!(parse_age("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_age("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_age("0s"), None);
+        assert_eq!(parse_age("1w"), None);
     }
 
     #[test]

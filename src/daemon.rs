@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use crate::config::{self, Config, ConfigError};
+use crate::forward::upstream::Upstream;
+use crate::forward::{ForwardSettings, Forwarder};
 use crate::ingest::Ingest;
 use crate::queue::{Queue, QueueOptions};
 use crate::server::{self, Listener};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{self, Shutdown};
 
 /// Why the daemon could not run.
 #[derive(Debug)]
@@ -26,9 +28,10 @@ impl std::fmt::Display for DaemonError {
     }
 }
 
-/// Runs grouprelay until `shutdown` fires. The order matters: the queue is open before any
-/// listener accepts, and it is closed (made durable) only after every listener has stopped
-/// and every in-flight request has been answered.
+/// Runs grouprelay until `shutdown` fires. The order matters: the queue is open and the
+/// forwarder is delivering the backlog before any listener accepts; on shutdown the
+/// listeners stop and answer what is in flight, then the forwarder drains for up to
+/// `drain_timeout`, then the queue is made durable and closed.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> {
     config::create_data_dir(&config.data_dir).map_err(DaemonError::Config)?;
     let options = QueueOptions {
@@ -45,10 +48,32 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     })?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
-        queued = queue.len(),
+        stored_bytes = queue.stored_bytes(),
         durability = ?config.durability,
         "queue open"
     );
+
+    let upstream = Upstream::new(
+        &config.upstream,
+        config.upstream_gzip,
+        config.upstream_timeout,
+    )
+    .map_err(|e| DaemonError::Runtime(format!("upstream {}: {e}", config.upstream)))?;
+    let forwarder = Forwarder::new(
+        queue.clone(),
+        upstream,
+        ForwardSettings {
+            max_batch_events: config.max_batch_events,
+            flush_interval: config.flush_interval,
+            concurrency: config.upstream_concurrency,
+            retry_max_interval: config.retry_max_interval,
+            max_age: config.max_age,
+            drain_timeout: config.drain_timeout,
+        },
+    );
+    let (stop_forwarding, forwarding_shutdown) = shutdown::channel();
+    let forwarding = tokio::spawn(forwarder.run(forwarding_shutdown));
+    tracing::info!(upstream = %config.upstream, "forwarding");
 
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {
@@ -66,11 +91,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
         config.max_body_bytes,
     ));
     server::run(listeners, ingest, shutdown).await;
-    tracing::info!("listeners stopped; flushing the queue");
+    tracing::info!("listeners stopped");
+    stop_forwarding.fire();
+    if let Err(e) = forwarding.await {
+        tracing::error!(error = %e, "the forwarder failed");
+    }
     queue
         .close()
         .await
         .map_err(|e| DaemonError::Runtime(format!("final flush failed: {e}")))?;
-    tracing::info!(queued = queue.len(), "stopped");
+    tracing::info!(stored_bytes = queue.stored_bytes(), "stopped");
     Ok(())
 }

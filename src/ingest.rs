@@ -14,7 +14,10 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{
+    HeaderMap, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
+    RETRY_AFTER,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
@@ -92,7 +95,10 @@ impl Ingest {
     }
 
     /// Answers one request. Never fails: every error becomes a JSON response.
-    pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
         let response = match (route(req.uri().path()), req.method()) {
             (Route::Health, &Method::GET | &Method::HEAD) => {
                 json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
@@ -149,10 +155,19 @@ impl Ingest {
             ));
         }
         for rejected in &body.rejected {
-            tracing::debug!(index = rejected.index, code = rejected.violation.code, "call rejected at ingest");
+            tracing::debug!(
+                index = rejected.index,
+                code = rejected.violation.code,
+                "call rejected at ingest"
+            );
         }
         self.queue
-            .append(&write_key, clock::unix_ms(received), &body.calls, &body.rejected)
+            .append(
+                &write_key,
+                clock::unix_ms(received),
+                &body.calls,
+                &body.rejected,
+            )
             .await
             .map_err(|e| match e {
                 QueueError::Full { .. } => Refusal::new(
@@ -222,15 +237,19 @@ impl Ingest {
                 ))
             }
         };
-        let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), limit).collect())
-            .await
-            .map_err(|_| {
-                Refusal::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
-                )
-            })?;
+        let collected =
+            tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), limit).collect())
+                .await
+                .map_err(|_| {
+                    Refusal::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        format!(
+                            "the body did not arrive within {} s",
+                            BODY_TIMEOUT.as_secs()
+                        ),
+                    )
+                })?;
         let bytes = match collected {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
@@ -366,7 +385,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         let key = |h: &HeaderMap| basic_auth_write_key(h).map_err(|r| r.code);
         assert_eq!(key(&headers), Ok(None));
-        headers.insert(AUTHORIZATION, HeaderValue::from_static("Basic V1JJVEVLRVlfZ29fdGVzdDo="));
+        headers.insert(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic V1JJVEVLRVlfZ29fdGVzdDo="),
+        );
         assert_eq!(key(&headers), Ok(Some("WRITEKEY_go_test".into())));
         headers.insert(AUTHORIZATION, HeaderValue::from_static("basic a2V5"));
         assert_eq!(key(&headers), Ok(Some("key".into())));
@@ -377,7 +399,10 @@ mod tests {
     #[test]
     fn routes_take_any_prefix_before_v1() {
         assert!(matches!(route("/v1/batch"), Route::Calls(Endpoint::Batch)));
-        assert!(matches!(route("/relay/v1/import"), Route::Calls(Endpoint::Batch)));
+        assert!(matches!(
+            route("/relay/v1/import"),
+            Route::Calls(Endpoint::Batch)
+        ));
         assert!(matches!(
             route("/v1/group"),
             Route::Calls(Endpoint::Single(spec::CallType::Group))

@@ -9,7 +9,8 @@
 //! | [`server`] | listeners (TCP and Unix) and the HTTP/1.1 connections on them |
 //! | [`ingest`] | the Tracking API: routes, writeKey, body limits, gzip, JSON answers |
 //! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
-//! | [`queue`] | the sled database: append with group commit, read in order, remove |
+//! | [`queue`] | the sled database: append with group commit, read in order, remove, dead letters |
+//! | [`forward`] | lanes per writeKey, batches upstream, retry with backoff, bisecting refusals |
 //! | [`shutdown`] | the signal every task listens to |
 //! | [`clock`] | timestamps as Segment writes them |
 //!
@@ -19,14 +20,17 @@
 //!                             │
 //!                             ▼
 //!                           queue.append ──(group commit: flush + fdatasync)──▶ 200
+//!                             │
+//!                             ▼
+//! upstream ◀─HTTP── forward (2xx: queue.remove; 4xx: queue.dead_letter; else retry)
 //! ```
 //! A call moves in one direction only; the queue is the single hand-off point between the
-//! request side and the delivery side (forwarding upstream reads the queue in order and
-//! removes calls once upstream has taken them).
+//! request side and the delivery side.
 
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod forward;
 pub mod ingest;
 pub mod queue;
 pub mod server;

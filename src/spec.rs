@@ -248,7 +248,12 @@ fn normalise(
     let call_type = match path_type {
         Some(t) => t,
         None => match given_type {
-            None => return Err(Violation::new("missing_type", "type is required in a batch")),
+            None => {
+                return Err(Violation::new(
+                    "missing_type",
+                    "type is required in a batch",
+                ))
+            }
             Some(raw) => serde_json::from_str::<Cow<'_, str>>(raw.get())
                 .ok()
                 .and_then(|name| CallType::from_name(&name))
@@ -385,14 +390,12 @@ fn validate(fields: &Entries<'_>, call_type: CallType) -> Result<(), Violation> 
         let id: Option<Cow<'_, str>> = serde_json::from_str(raw.get()).ok();
         match id {
             Some(id) if !id.is_empty() && id.chars().count() < MAX_MESSAGE_ID_CHARS => {}
-            _ => {
-                return Err(Violation::new(
-                    "invalid_message_id",
-                    format!(
-                        "messageId must be a non-empty string under {MAX_MESSAGE_ID_CHARS} characters"
-                    ),
-                ))
-            }
+            _ => return Err(Violation::new(
+                "invalid_message_id",
+                format!(
+                    "messageId must be a non-empty string under {MAX_MESSAGE_ID_CHARS} characters"
+                ),
+            )),
         }
     }
     if let Some(raw) = present(fields.get("timestamp")) {
@@ -543,7 +546,11 @@ impl<'a> Entries<'a> {
 
     /// The last value under `key`, as JSON parsers that keep one value per key would see it.
     fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
     }
 
     fn has_any(&self, keys: &[&str]) -> bool {

@@ -34,12 +34,13 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the committer. With `period`, it also flushes on that interval (the `interval`
-    /// durability mode relies on this alone).
+    /// Starts the committer. Besides flushing for waiting writers, it flushes every `period`
+    /// when something was marked dirty: the `interval` durability mode relies on this alone,
+    /// and removals of delivered calls use it so that a restart does not resend them.
     pub(crate) fn start(
         db: sled::Db,
         data_file: File,
-        period: Option<Duration>,
+        period: Duration,
     ) -> (Arc<GroupCommit>, JoinHandle<()>) {
         let (tx, rx) = watch::channel(Flushed {
             generation: 0,
@@ -52,7 +53,13 @@ impl GroupCommit {
             stopping: AtomicBool::new(false),
             flushed: rx,
         });
-        let task = tokio::spawn(committer(shared.clone(), db, Arc::new(data_file), period, tx));
+        let task = tokio::spawn(committer(
+            shared.clone(),
+            db,
+            Arc::new(data_file),
+            period,
+            tx,
+        ));
         (shared, task)
     }
 
@@ -71,9 +78,14 @@ impl GroupCommit {
         }
     }
 
-    /// Notes an insert that the periodic flush must cover.
+    /// Notes a change that the periodic flush must cover.
     pub(crate) fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::SeqCst);
+    }
+
+    /// Flushes completed so far (a flush that failed counts too).
+    pub(crate) fn flushes(&self) -> u64 {
+        self.flushed.borrow().generation
     }
 
     /// Asks the committer to run one last flush and stop.
@@ -87,26 +99,15 @@ async fn committer(
     shared: Arc<GroupCommit>,
     db: sled::Db,
     data_file: Arc<File>,
-    period: Option<Duration>,
+    period: Duration,
     flushed: watch::Sender<Flushed>,
 ) {
-    let mut ticker = period.map(|p| {
-        let mut t = tokio::time::interval(p);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let periodic = async {
-            match ticker.as_mut() {
-                Some(t) => {
-                    t.tick().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             _ = shared.wake.notified() => {}
-            _ = periodic => {
+            _ = ticker.tick() => {
                 if !shared.dirty.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst) {
                     continue;
                 }

@@ -35,12 +35,25 @@ use tokio::task::JoinHandle;
 
 use crate::spec::RejectedCall;
 use commit::GroupCommit;
-pub use record::{CallRecord, DecodeError, RejectedRecord};
+pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
+
+/// Why calls are dead-lettered.
+#[derive(Debug, Clone)]
+pub struct DeadReason {
+    /// `rejected_by_upstream` or `expired`.
+    pub reason: &'static str,
+    /// Upstream's status, when it answered.
+    pub status: Option<u16>,
+    /// The first 1 KB of upstream's answer.
+    pub response: String,
+    pub attempts: u32,
+}
 
 /// Name of the sled database directory inside the data dir.
 pub const DB_DIR: &str = "queue";
 const CALLS_TREE: &str = "calls";
 const REJECTED_TREE: &str = "rejected";
+const DEAD_TREE: &str = "dead";
 const META_TREE: &str = "meta";
 const FORMAT_KEY: &str = "format";
 /// Stored size of a key, counted with each record against the byte limit.
@@ -61,11 +74,13 @@ pub struct QueueOptions {
     /// The data dir; the database lives in its `queue/` subdirectory.
     pub data_dir: PathBuf,
     pub durability: Durability,
-    /// Most bytes of stored records (queued and rejected calls) before appends are refused.
+    /// Most bytes of stored records (queued, rejected and dead-lettered calls) before appends
+    /// are refused.
     pub max_bytes: u64,
     /// sled's page cache. Its 1 GiB default would let a large backlog cost a large RSS.
     pub cache_bytes: u64,
-    /// How often `interval` mode flushes.
+    /// How often `interval` mode flushes (and how soon removals of delivered calls are
+    /// made durable in either mode).
     pub sync_interval: Duration,
 }
 
@@ -141,6 +156,7 @@ struct Inner {
     db: sled::Db,
     calls: sled::Tree,
     rejected: sled::Tree,
+    dead: sled::Tree,
     durability: Durability,
     max_bytes: u64,
     stored_bytes: AtomicU64,
@@ -172,12 +188,13 @@ impl Queue {
         }
         let calls = db.open_tree(CALLS_TREE)?;
         let rejected = db.open_tree(REJECTED_TREE)?;
+        let dead = db.open_tree(DEAD_TREE)?;
         let next = match calls.last()? {
             Some((key, _)) => decode_key(&key)? + 1,
             None => 0,
         };
         let mut stored = 0;
-        for tree in [&calls, &rejected] {
+        for tree in [&calls, &rejected, &dead] {
             for value in tree.iter().values() {
                 stored += value?.len() as u64 + KEY_LEN;
             }
@@ -186,13 +203,13 @@ impl Queue {
         let data_file = File::open(path.join("db")).map_err(|e| {
             QueueError::Storage(format!("cannot open {}: {e}", path.join("db").display()))
         })?;
-        let period = (options.durability == Durability::Interval).then_some(options.sync_interval);
-        let (commit, committer) = GroupCommit::start(db.clone(), data_file, period);
+        let (commit, committer) = GroupCommit::start(db.clone(), data_file, options.sync_interval);
         Ok(Queue {
             inner: Arc::new(Inner {
                 db,
                 calls,
                 rejected,
+                dead,
                 durability: options.durability,
                 max_bytes: options.max_bytes,
                 stored_bytes: AtomicU64::new(stored),
@@ -318,12 +335,73 @@ impl Queue {
         self.inner.calls.apply_batch(batch)?;
         let freed: u64 = calls.iter().map(|c| c.stored_bytes).sum();
         self.inner.stored_bytes.fetch_sub(freed, Ordering::SeqCst);
+        self.inner.commit.mark_dirty();
         Ok(())
     }
 
-    /// Resolves when calls appended after this call was made become readable.
-    pub async fn appended(&self) {
-        self.inner.appended.notified().await
+    /// Moves calls from the queue to the dead-letter store in one atomic step: after a crash
+    /// each call is in exactly one of the two.
+    pub fn dead_letter(&self, calls: &[QueuedCall], reason: &DeadReason) -> Result<(), QueueError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional;
+        let now_ms = crate::clock::unix_ms(std::time::SystemTime::now());
+        let mut moves = Vec::with_capacity(calls.len());
+        for call in calls {
+            let record = DeadRecord {
+                version: record::FORMAT_VERSION,
+                queue_id: call.id,
+                received_ms: call.record.received_ms,
+                write_key: call.record.write_key.clone(),
+                reason: reason.reason.to_owned(),
+                status: reason.status,
+                response: reason.response.clone(),
+                attempts: reason.attempts,
+                dead_at_ms: now_ms,
+                call: RawValue::from_string(String::from_utf8_lossy(&call.record.call).into_owned())
+                    .map_err(|e| QueueError::Storage(format!("queued call is not JSON: {e}")))?,
+            };
+            let value = serde_json::to_vec(&record).map_err(|e| QueueError::Storage(e.to_string()))?;
+            moves.push((call.id, self.inner.db.generate_id()?, value));
+        }
+        let added: u64 = moves.iter().map(|(_, _, v)| v.len() as u64 + KEY_LEN).sum();
+        (&self.inner.calls, &self.inner.dead)
+            .transaction(|(calls, dead)| {
+                for (queue_id, dead_id, value) in &moves {
+                    calls.remove(&queue_id.to_be_bytes())?;
+                    dead.insert(&dead_id.to_be_bytes(), value.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => QueueError::from(e),
+                TransactionError::Abort(()) => QueueError::Storage("transaction aborted".into()),
+            })?;
+        let freed: u64 = calls.iter().map(|c| c.stored_bytes).sum();
+        // Dead letters still count against the limit, as they still take disk.
+        self.inner.stored_bytes.fetch_add(added, Ordering::SeqCst);
+        self.inner.stored_bytes.fetch_sub(freed, Ordering::SeqCst);
+        self.inner.commit.mark_dirty();
+        Ok(())
+    }
+
+    /// The dead letters, oldest first.
+    pub fn dead(&self) -> Result<Vec<DeadRecord>, QueueError> {
+        self.inner
+            .dead
+            .iter()
+            .values()
+            .map(|value| {
+                let value = value?;
+                serde_json::from_slice(&value)
+                    .map_err(|e| QueueError::Storage(format!("damaged dead letter: {e}")))
+            })
+            .collect()
+    }
+
+    /// Resolves when calls appended after it was created (and `enable`d or first polled)
+    /// become readable.
+    pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.appended.notified()
     }
 
     /// Calls in the queue.
@@ -338,6 +416,11 @@ impl Queue {
     /// Bytes of stored records counted against the limit.
     pub fn stored_bytes(&self) -> u64 {
         self.inner.stored_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Flushes run so far: with group commit, far fewer than appends under concurrency.
+    pub fn flushes(&self) -> u64 {
+        self.inner.commit.flushes()
     }
 
     /// The calls ingest refused inside accepted batches, oldest first.

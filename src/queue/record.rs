@@ -100,6 +100,25 @@ pub struct RejectedRecord {
     pub call: Box<RawValue>,
 }
 
+/// A call that will not be delivered: refused by upstream, or too old to send safely. Kept
+/// for an operator to inspect, replay or purge.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeadRecord {
+    pub version: u8,
+    /// Its key in the queue when it was moved.
+    pub queue_id: u64,
+    pub received_ms: u64,
+    pub write_key: String,
+    /// `rejected_by_upstream` or `expired`.
+    pub reason: String,
+    pub status: Option<u16>,
+    /// The first 1 KB of upstream's answer.
+    pub response: String,
+    pub attempts: u32,
+    pub dead_at_ms: u64,
+    pub call: Box<RawValue>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,484 @@
+//! Forwarding: deliver queued calls upstream in batches per writeKey, with retry and backoff,
+//! and take them off the queue only once upstream has them.
+//!
+//! One task, the [`Forwarder`], owns the delivery state. It reads the queue in order into a
+//! *lane* per writeKey, sends a lane's head as a batch when the batch is full (by count or
+//! bytes) or its oldest call has waited `flush_interval`, and keeps at most one batch per
+//! lane in flight, so each writeKey's calls arrive in queue order. Up to `concurrency`
+//! batches are in flight across lanes.
+//!
+//! - **2xx**: the batch's calls are removed from the queue in one atomic step.
+//! - **Retryable** (network error, timeout, 408, 410, 429, 460, 5xx but 501/505): the lane
+//!   waits (exponential backoff with jitter from the `backoff` crate, or what upstream asked
+//!   for, capped) and sends the same calls again with a fresh `sentAt`. It never gives up by
+//!   elapsed time; other lanes keep flowing meanwhile.
+//! - **Refused** (other 4xx, 501, 505): a batch of several calls is bisected until the calls
+//!   upstream refuses are alone; each such call moves to the dead-letter store atomically.
+//! - **Too old** (`max_age`): moved to the dead-letter store as `expired` instead of sent.
+//!
+//! A crash between "upstream said yes" and "removed" resends that batch (same messageIds,
+//! which upstream dedupes); it never loses it.
+
+pub mod upstream;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+use std::time::{Duration, Instant, SystemTime};
+
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use tokio::task::JoinSet;
+
+use crate::clock;
+use crate::queue::{DeadReason, Queue, QueuedCall};
+use crate::shutdown::Shutdown;
+use upstream::{Outcome, Upstream, BATCH_ENVELOPE_BYTES};
+
+/// Upstream refuses request bodies of 500 KB and more.
+pub const MAX_BATCH_BYTES: usize = 500 * 1000;
+/// Calls read from the queue per read.
+const READ_CHUNK: usize = 1024;
+/// Reads per pass of the loop, so that a large backlog does not stall sending.
+const READS_PER_PASS: usize = 16;
+
+/// How forwarding behaves; see the README for each setting.
+#[derive(Debug, Clone)]
+pub struct ForwardSettings {
+    pub max_batch_events: usize,
+    pub flush_interval: Duration,
+    pub concurrency: usize,
+    pub retry_max_interval: Duration,
+    pub max_age: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// The calls of one writeKey on their way upstream.
+struct Lane {
+    /// Read from the queue, not yet delivered, in queue order (excluding the batch in flight).
+    buffered: VecDeque<QueuedCall>,
+    /// Calls in the batch in flight (at most one batch per lane, for order).
+    in_flight: usize,
+    /// The first of this key's calls that the read cursor passed without buffering, because
+    /// the lane was full; read again from here once there is room.
+    skipped_from: Option<u64>,
+    /// While backing off: not before this.
+    retry_at: Option<Instant>,
+    backoff: ExponentialBackoff,
+    /// Attempts made for the batch at the head.
+    attempts: u32,
+    /// Bisecting a refused batch: send at most `.0` calls until the head passes id `.1`.
+    probe: Option<(usize, u64)>,
+}
+
+/// A finished upstream request.
+struct Sent {
+    write_key: String,
+    calls: Vec<QueuedCall>,
+    outcome: Outcome,
+}
+
+/// The delivery side's single owner of state.
+pub struct Forwarder {
+    queue: Queue,
+    upstream: Upstream,
+    settings: ForwardSettings,
+    lanes: BTreeMap<String, Lane>,
+    /// The next queue id to read.
+    cursor: u64,
+    /// The lane that started the last batch: the next search starts after it (fairness).
+    last_started: Option<String>,
+    in_flight: JoinSet<Sent>,
+    lane_capacity: usize,
+}
+
+impl Forwarder {
+    pub fn new(queue: Queue, upstream: Upstream, settings: ForwardSettings) -> Forwarder {
+        Forwarder {
+            lane_capacity: settings.max_batch_events * 2,
+            queue,
+            upstream,
+            settings,
+            lanes: BTreeMap::new(),
+            cursor: 0,
+            last_started: None,
+            in_flight: JoinSet::new(),
+        }
+    }
+
+    /// Delivers the queue until `shutdown` fires, then keeps delivering for up to
+    /// `drain_timeout` (sending partial batches at once); what is left stays queued.
+    pub async fn run(mut self, mut shutdown: Shutdown) {
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let queue = self.queue.clone();
+            let appended = queue.appended();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            let draining = drain_deadline.is_some();
+            let more_to_read = self.read_new();
+            self.refill_lanes();
+            self.start_sends(draining);
+            if draining && self.is_idle() {
+                tracing::info!("queue drained");
+                return;
+            }
+            let wake = if more_to_read {
+                Some(Instant::now())
+            } else {
+                self.next_wake(draining)
+            };
+            let wake_at = wake.map(tokio::time::Instant::from_std);
+            tokio::select! {
+                Some(done) = self.in_flight.join_next() => match done {
+                    Ok(sent) => self.finish(sent),
+                    Err(e) => tracing::error!(error = %e, "send task failed"),
+                },
+                _ = &mut appended => {}
+                _ = sleep_until(wake_at) => {}
+                _ = shutdown.recv(), if !draining => {
+                    tracing::info!(timeout_ms = self.settings.drain_timeout.as_millis() as u64, "draining the queue upstream");
+                    drain_deadline = Some(tokio::time::Instant::now() + self.settings.drain_timeout);
+                }
+                _ = sleep_until(drain_deadline), if draining => {
+                    tracing::info!(in_flight = self.in_flight.len(), "drain timeout reached; the rest stays queued");
+                    self.in_flight.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads newly readable calls into their lanes. Returns whether more may be waiting.
+    fn read_new(&mut self) -> bool {
+        for _ in 0..READS_PER_PASS {
+            // Stop once the lanes that can send hold enough work: reading further would only
+            // skip their calls and read them again later.
+            let sendable: usize = self
+                .lanes
+                .values()
+                .filter(|l| l.retry_at.is_none() && l.skipped_from.is_none())
+                .map(|l| l.buffered.len() + l.in_flight)
+                .sum();
+            if sendable >= self.lane_capacity {
+                return false;
+            }
+            let calls = match self.queue.read(self.cursor, READ_CHUNK) {
+                Ok(calls) => calls,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the queue");
+                    return false;
+                }
+            };
+            let full_read = calls.len() == READ_CHUNK;
+            for call in calls {
+                self.cursor = call.id + 1;
+                let capacity = self.lane_capacity;
+                let lane = self
+                    .lanes
+                    .entry(call.record.write_key.clone())
+                    .or_insert_with(|| Lane::new(&self.settings));
+                if lane.skipped_from.is_none() && lane.buffered.len() + lane.in_flight < capacity {
+                    lane.buffered.push_back(call);
+                } else if lane.skipped_from.is_none() {
+                    lane.skipped_from = Some(call.id);
+                }
+            }
+            if !full_read {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Reads skipped calls back into lanes that have room again.
+    fn refill_lanes(&mut self) {
+        let cursor = self.cursor;
+        for (key, lane) in self.lanes.iter_mut() {
+            while let Some(from) = lane.skipped_from {
+                if lane.buffered.len() + lane.in_flight >= self.lane_capacity / 2 {
+                    break;
+                }
+                let calls = match self.queue.read(from, READ_CHUNK) {
+                    Ok(calls) => calls,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the queue");
+                        return;
+                    }
+                };
+                lane.skipped_from = None;
+                let mut last = None;
+                for call in calls.into_iter().take_while(|c| c.id < cursor) {
+                    last = Some(call.id);
+                    if call.record.write_key != *key {
+                        continue;
+                    }
+                    if lane.buffered.len() + lane.in_flight >= self.lane_capacity {
+                        lane.skipped_from = Some(call.id);
+                        break;
+                    }
+                    lane.buffered.push_back(call);
+                }
+                // Not at the cursor yet: carry on from after the last call looked at.
+                if lane.skipped_from.is_none() {
+                    if let Some(last) = last.filter(|&id| id + 1 < cursor) {
+                        lane.skipped_from = Some(last + 1);
+                    }
+                }
+                if last.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Starts a batch on every lane that is ready, while there is room in flight.
+    fn start_sends(&mut self, draining: bool) {
+        let now = Instant::now();
+        let keys: Vec<String> = match &self.last_started {
+            Some(last) => self
+                .lanes
+                .range::<String, _>((Bound::Excluded(last), Bound::Unbounded))
+                .chain(self.lanes.range::<String, _>(..=last))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            None => self.lanes.keys().cloned().collect(),
+        };
+        for key in keys {
+            if self.in_flight.len() >= self.settings.concurrency {
+                break;
+            }
+            self.expire(&key);
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            if lane.in_flight > 0 || lane.retry_at.is_some_and(|at| at > now) {
+                continue;
+            }
+            let limit = match lane.probe {
+                Some((size, _)) => size.min(self.settings.max_batch_events),
+                None => self.settings.max_batch_events,
+            };
+            let mut count = 0;
+            let mut bytes = BATCH_ENVELOPE_BYTES;
+            for call in &lane.buffered {
+                if count == limit || bytes + call.record.call.len() + 1 > MAX_BATCH_BYTES {
+                    break;
+                }
+                count += 1;
+                bytes += call.record.call.len() + 1;
+            }
+            if count == 0 {
+                if lane.buffered.is_empty() && lane.skipped_from.is_none() {
+                    self.lanes.remove(&key);
+                }
+                continue;
+            }
+            let full = count < lane.buffered.len() || count == limit || lane.skipped_from.is_some();
+            let oldest_ms = lane.buffered[0].record.received_ms;
+            let waited = clock::unix_ms(SystemTime::now()).saturating_sub(oldest_ms);
+            let due = waited >= self.settings.flush_interval.as_millis() as u64;
+            if !(full || due || draining || lane.attempts > 0) {
+                continue;
+            }
+            let calls: Vec<QueuedCall> = lane.buffered.drain(..count).collect();
+            lane.in_flight = count;
+            lane.retry_at = None;
+            let upstream = self.upstream.clone();
+            let write_key = key.clone();
+            self.in_flight.spawn(async move {
+                let bodies: Vec<&[u8]> = calls.iter().map(|c| c.record.call.as_slice()).collect();
+                let outcome = upstream.send(&write_key, &bodies).await;
+                Sent {
+                    write_key,
+                    calls,
+                    outcome,
+                }
+            });
+            self.last_started = Some(key);
+        }
+    }
+
+    /// Dead-letters the calls at a lane's head that are older than `max_age`.
+    fn expire(&mut self, key: &str) {
+        let Some(lane) = self.lanes.get_mut(key) else {
+            return;
+        };
+        let oldest_allowed = clock::unix_ms(SystemTime::now())
+            .saturating_sub(self.settings.max_age.as_millis() as u64);
+        let expired = lane
+            .buffered
+            .iter()
+            .take_while(|c| c.record.received_ms < oldest_allowed)
+            .count();
+        if expired == 0 {
+            return;
+        }
+        let calls: Vec<QueuedCall> = lane.buffered.drain(..expired).collect();
+        let reason = DeadReason {
+            reason: "expired",
+            status: None,
+            response: String::new(),
+            attempts: lane.attempts,
+        };
+        match self.queue.dead_letter(&calls, &reason) {
+            Ok(()) => tracing::warn!(
+                calls = calls.len(),
+                max_age_s = self.settings.max_age.as_secs(),
+                "calls older than --max-age moved to the dead-letter store as expired"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot dead-letter expired calls; they stay queued");
+                lane.retry_at = Some(Instant::now() + self.settings.retry_max_interval);
+                for call in calls.into_iter().rev() {
+                    lane.buffered.push_front(call);
+                }
+            }
+        }
+    }
+
+    /// Applies a finished request's outcome to the queue and its lane.
+    fn finish(&mut self, sent: Sent) {
+        let Sent {
+            write_key,
+            calls,
+            outcome,
+        } = sent;
+        let settings = &self.settings;
+        let lane = self
+            .lanes
+            .entry(write_key)
+            .or_insert_with(|| Lane::new(settings));
+        lane.in_flight = 0;
+        let last_id = calls.last().map(|c| c.id).unwrap_or(0);
+        match outcome {
+            Outcome::Delivered => {
+                if let Err(e) = self.queue.remove(&calls) {
+                    // They were delivered; at worst they are sent again after a restart.
+                    tracing::error!(error = %e, "cannot remove delivered calls from the queue");
+                }
+                tracing::info!(calls = calls.len(), attempts = lane.attempts + 1, "batch delivered");
+                lane.attempts = 0;
+                lane.backoff.reset();
+                if lane.probe.is_some_and(|(_, until)| last_id >= until) {
+                    lane.probe = None;
+                }
+            }
+            Outcome::Retry { cause, after } => {
+                lane.attempts += 1;
+                let cap = settings.retry_max_interval;
+                let delay = match after {
+                    Some(asked) => asked.min(cap),
+                    None => lane.backoff.next_backoff().unwrap_or(cap).min(cap),
+                };
+                tracing::warn!(
+                    %cause,
+                    delay_ms = delay.as_millis() as u64,
+                    attempt = lane.attempts,
+                    calls = calls.len(),
+                    "upstream batch failed; retrying"
+                );
+                lane.retry_at = Some(Instant::now() + delay);
+                for call in calls.into_iter().rev() {
+                    lane.buffered.push_front(call);
+                }
+            }
+            Outcome::Refused { status, .. } if calls.len() > 1 => {
+                let half = calls.len().div_ceil(2);
+                let until = lane.probe.map_or(last_id, |(_, until)| until.max(last_id));
+                tracing::warn!(
+                    status,
+                    calls = calls.len(),
+                    "upstream refused a batch; splitting it to find the calls it refuses"
+                );
+                lane.probe = Some((half, until));
+                lane.attempts += 1;
+                for call in calls.into_iter().rev() {
+                    lane.buffered.push_front(call);
+                }
+            }
+            Outcome::Refused { status, response } => {
+                let reason = DeadReason {
+                    reason: "rejected_by_upstream",
+                    status: Some(status),
+                    response,
+                    attempts: lane.attempts + 1,
+                };
+                match self.queue.dead_letter(&calls, &reason) {
+                    Ok(()) => tracing::warn!(status, "upstream refused a call; moved to the dead-letter store"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot dead-letter a refused call; it stays queued");
+                        lane.retry_at = Some(Instant::now() + settings.retry_max_interval);
+                        for call in calls.into_iter().rev() {
+                            lane.buffered.push_front(call);
+                        }
+                        return;
+                    }
+                }
+                lane.attempts = 0;
+                if lane.probe.is_some_and(|(_, until)| last_id >= until) {
+                    lane.probe = None;
+                }
+            }
+        }
+    }
+
+    /// When the loop must look again without an event: a lane's retry time, or the moment
+    /// a partial batch has waited `flush_interval`.
+    fn next_wake(&self, draining: bool) -> Option<Instant> {
+        let now = Instant::now();
+        let now_ms = clock::unix_ms(SystemTime::now());
+        let flush_ms = self.settings.flush_interval.as_millis() as u64;
+        self.lanes
+            .values()
+            .filter(|lane| lane.in_flight == 0 && !lane.buffered.is_empty())
+            .map(|lane| match lane.retry_at {
+                Some(at) => at,
+                None if draining => now,
+                None => {
+                    let due_ms = lane.buffered[0].record.received_ms + flush_ms;
+                    now + Duration::from_millis(due_ms.saturating_sub(now_ms))
+                }
+            })
+            .min()
+    }
+
+    /// Nothing buffered, skipped or in flight, and nothing new to read.
+    fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+            && self
+                .lanes
+                .values()
+                .all(|l| l.buffered.is_empty() && l.skipped_from.is_none())
+            && self.queue.read(self.cursor, 1).is_ok_and(|c| c.is_empty())
+    }
+}
+
+impl Lane {
+    fn new(settings: &ForwardSettings) -> Lane {
+        Lane {
+            buffered: VecDeque::new(),
+            in_flight: 0,
+            skipped_from: None,
+            retry_at: None,
+            backoff: ExponentialBackoff {
+                initial_interval: Duration::from_millis(500),
+                current_interval: Duration::from_millis(500),
+                multiplier: 1.5,
+                randomization_factor: 0.5,
+                max_interval: settings.retry_max_interval,
+                // A durable queue never gives up by elapsed time; `max_age` decides.
+                max_elapsed_time: None,
+                ..ExponentialBackoff::default()
+            },
+            attempts: 0,
+            probe: None,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,247 @@
+//! The upstream client: one `POST {upstream}/v1/batch` per batch, and what its answer means.
+//!
+//! Follows `shared/spec/http-api.md` ("Upstream: how to forward"): Basic auth with the
+//! batch's writeKey, `sentAt` set at each attempt, optional gzip, and a status table that
+//! says which answers are retried and which are final.
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::clock;
+
+/// What upstream's answer means for the batch.
+#[derive(Debug)]
+pub enum Outcome {
+    /// 2xx: upstream has the calls.
+    Delivered,
+    /// Worth trying again: a network error, a timeout, 408, 410, 429, 460, most 5xx.
+    Retry {
+        cause: String,
+        /// What upstream asked for (`Retry-After`, `X-RateLimit-Reset`), uncapped.
+        after: Option<Duration>,
+    },
+    /// Final: upstream will never take this batch as it is.
+    Refused { status: u16, response: String },
+}
+
+/// Most of upstream's answer kept with a dead letter.
+const RESPONSE_SNIPPET_BYTES: usize = 1024;
+
+/// Sends batches to one upstream base URL.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    batch_url: hyper::Uri,
+    gzip: bool,
+    timeout: Duration,
+    user_agent: HeaderValue,
+}
+
+impl Upstream {
+    /// A client for `base` (`https://api.segment.io`), with the system's root certificates.
+    pub fn new(base: &str, gzip: bool, timeout: Duration) -> Result<Upstream, String> {
+        let batch_url: hyper::Uri = format!("{}/v1/batch", base.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| format!("upstream URL: {e}"))?;
+        let https = batch_url.scheme_str() == Some("https");
+        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
+            Ok(builder) => builder,
+            Err(e) if https => return Err(format!("no usable system root certificates: {e}")),
+            // A plain-http upstream (a local stand-in, a proxy) needs no roots.
+            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            ),
+        };
+        let connector = builder.https_or_http().enable_http1().build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Upstream {
+            client,
+            batch_url,
+            gzip,
+            timeout,
+            user_agent: HeaderValue::from_static(concat!("grouprelay/", env!("CARGO_PKG_VERSION"))),
+        })
+    }
+
+    /// Sends one batch. `calls` are the queued calls' JSON bytes, in order.
+    pub async fn send(&self, write_key: &str, calls: &[&[u8]]) -> Outcome {
+        let body = batch_body(calls, SystemTime::now());
+        let body = if self.gzip {
+            let mut encoder = flate2::write::GzEncoder::new(
+                Vec::with_capacity(body.len() / 4),
+                flate2::Compression::fast(),
+            );
+            encoder
+                .write_all(&body)
+                .and_then(|_| encoder.finish())
+                .expect("gzip into a Vec cannot fail")
+        } else {
+            body
+        };
+        let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"));
+        let mut request = Request::post(self.batch_url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(USER_AGENT, self.user_agent.clone());
+        if let Ok(auth) = HeaderValue::from_str(&format!("Basic {credentials}")) {
+            request = request.header(AUTHORIZATION, auth);
+        }
+        if self.gzip {
+            request = request.header(CONTENT_ENCODING, "gzip");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid request");
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|e| {
+                let mut cause = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(inner) = source {
+                    cause = format!("{cause}: {inner}");
+                    source = inner.source();
+                }
+                cause
+            })?;
+            let status = response.status();
+            let after = wait_hint(response.headers(), SystemTime::now());
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, String>((status, after, body))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Outcome::Retry {
+                cause: format!("no answer within {} ms", self.timeout.as_millis()),
+                after: None,
+            },
+            Ok(Err(cause)) => Outcome::Retry { cause, after: None },
+            Ok(Ok((status, after, body))) => classify(status, after, &body),
+        }
+    }
+}
+
+/// `{"batch":[...],"sentAt":"..."}` from the calls' bytes, without re-serializing them.
+pub fn batch_body(calls: &[&[u8]], now: SystemTime) -> Vec<u8> {
+    let size: usize = calls.iter().map(|c| c.len() + 1).sum();
+    let mut body = Vec::with_capacity(size + BATCH_ENVELOPE_BYTES);
+    body.extend_from_slice(b"{\"batch\":[");
+    for (i, call) in calls.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(call);
+    }
+    body.extend_from_slice(b"],\"sentAt\":\"");
+    body.extend_from_slice(clock::rfc3339_millis(now).as_bytes());
+    body.extend_from_slice(b"\"}");
+    body
+}
+
+/// Bytes of a batch body beside its calls and their commas.
+pub const BATCH_ENVELOPE_BYTES: usize = 64;
+
+fn classify(status: StatusCode, after: Option<Duration>, body: &[u8]) -> Outcome {
+    let code = status.as_u16();
+    let retry = match code {
+        200..=299 => return Outcome::Delivered,
+        408 | 410 | 429 | 460 => true,
+        501 | 505 => false,
+        500..=599 => true,
+        400..=499 => false,
+        // 1xx and 3xx: not an answer about the calls (a redirect is not followed); keep them.
+        _ => true,
+    };
+    if retry {
+        Outcome::Retry {
+            cause: format!("upstream answered {status}"),
+            after,
+        }
+    } else {
+        let end = body.len().min(RESPONSE_SNIPPET_BYTES);
+        Outcome::Refused {
+            status: code,
+            response: String::from_utf8_lossy(&body[..end]).into_owned(),
+        }
+    }
+}
+
+/// How long upstream asked us to wait: `Retry-After` (seconds or an HTTP date), else
+/// `X-RateLimit-Reset` (seconds to wait, or a Unix time in seconds).
+fn wait_hint(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
+    let text = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::trim);
+    if let Some(value) = text(RETRY_AFTER.as_str()) {
+        if let Ok(secs) = value.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        if let Ok(at) = httpdate::parse_http_date(value) {
+            return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+        }
+    }
+    let reset = text("x-ratelimit-reset")?.parse::<u64>().ok()?;
+    // Large values are an epoch time rather than a delay.
+    if reset > 1_000_000_000 {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(reset);
+        return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+    }
+    Some(Duration::from_secs(reset))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified_per_the_spec() {
+        let retried = [408, 410, 429, 460, 500, 502, 503, 504, 599];
+        let refused = [400, 401, 403, 404, 413, 422, 418, 501, 505];
+        for code in retried {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert!(matches!(classify(status, None, b""), Outcome::Retry { .. }), "{code}");
+        }
+        for code in refused {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert!(matches!(classify(status, None, b""), Outcome::Refused { .. }), "{code}");
+        }
+        assert!(matches!(classify(StatusCode::OK, None, b""), Outcome::Delivered));
+    }
+
+    #[test]
+    fn wait_hints_read_seconds_dates_and_rate_limit_resets() {
+        let now = SystemTime::now();
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(wait_hint(&headers, now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let hint = wait_hint(&headers, now).unwrap();
+        assert!(hint <= Duration::from_secs(30) && hint >= Duration::from_secs(28));
+        headers.clear();
+        headers.insert("x-ratelimit-reset", HeaderValue::from_static("3"));
+        assert_eq!(wait_hint(&headers, now), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn the_batch_body_keeps_calls_byte_for_byte() {
+        let body = batch_body(&[br#"{"a":1}"#, br#"{"b":null}"#], std::time::UNIX_EPOCH);
+        assert_eq!(
+            body,
+            br#"{"batch":[{"a":1},{"b":null}],"sentAt":"1970-01-01T00:00:00.000Z"}"#
+        );
+    }
+}

@@ -1,0 +1,774 @@
+//! Bad requests against the real daemon: each gets its status and a JSON error body
+//! `{"success":false,"code":...,"message":...}`, and none of them queues anything. Then the
+//! partial case (a batch with good and bad calls) and shapes that look odd but are valid.
+
+mod common;
+
+use std::io::Write;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::{exchange, get, on_disk, post, Daemon, Response};
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+const KEY: &str = "KEY_bad_input";
+/// Nothing listens here: should the daemon forward, calls stay queued (it retries).
+const NO_UPSTREAM: &str = "http://127.0.0.1:9";
+/// The daemon's default body limit (`--max-body-bytes`).
+const LIMIT: usize = 1 << 20;
+
+/// One bad request and the answer it must get.
+struct Case {
+    name: &'static str,
+    request: Vec<u8>,
+    status: u16,
+    code: &'static str,
+}
+
+fn case(name: &'static str, request: Vec<u8>, status: u16, code: &'static str) -> Case {
+    Case {
+        name,
+        request,
+        status,
+        code,
+    }
+}
+
+/// `Authorization: Basic base64(KEY:)`.
+fn basic_auth() -> String {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"));
+    format!("Authorization: Basic {encoded}")
+}
+
+/// A POST with the writeKey in Basic auth.
+fn keyed(path: &str, body: &str) -> Vec<u8> {
+    post(path, Some(KEY), body.as_bytes())
+}
+
+/// A request with the given method, path and extra header lines, then `body` as is.
+fn raw(method: &str, path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// A Basic-auth POST with `Content-Encoding` and the right `Content-Length`.
+fn encoded(encoding: &str, body: &[u8]) -> Vec<u8> {
+    raw(
+        "POST",
+        "/v1/batch",
+        &[
+            "Content-Type: application/json".into(),
+            basic_auth(),
+            format!("Content-Encoding: {encoding}"),
+            format!("Content-Length: {}", body.len()),
+        ],
+        body,
+    )
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// `n` zero bytes, gzip-compressed in one member.
+fn gzip_zeros(n: usize) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(chunk.len());
+        encoder.write_all(&chunk[..take]).unwrap();
+        left -= take;
+    }
+    encoder.finish().unwrap()
+}
+
+fn group(user_id: &str) -> String {
+    format!(r#"{{"type":"group","userId":"{user_id}","groupId":"g"}}"#)
+}
+
+/// Wraps a stream so that a write the server cut short (it answered and closed without
+/// reading the whole body) counts as written, and the answer can still be read.
+struct ForgivingWrites(TcpStream);
+
+impl AsyncRead for ForgivingWrites {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ForgivingWrites {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.0).poll_write(cx, buf) {
+            Poll::Ready(Err(_)) => Poll::Ready(Ok(buf.len())),
+            other => other,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.0).poll_flush(cx) {
+            Poll::Ready(Err(_)) => Poll::Ready(Ok(())),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Sends `request` and reads the answer, even when the daemon answers before the body is in.
+async fn send(daemon: &Daemon, request: &[u8]) -> Response {
+    let stream = TcpStream::connect(daemon.addr).await.expect("connect");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        exchange(ForgivingWrites(stream), request),
+    )
+    .await
+    .expect("an answer within 20 s")
+    .expect("HTTP exchange")
+}
+
+/// The daemon's peak resident memory, in bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmHWM kB");
+    kb * 1024
+}
+
+fn assert_json_content_type(response: &Response, what: &str) {
+    assert_eq!(
+        response.header("Content-Type"),
+        Some("application/json"),
+        "{what}: Content-Type"
+    );
+}
+
+/// Asserts `{"success":false,"code":code,"message":"..."}` and nothing else.
+fn assert_error(response: &Response, status: u16, code: &str, what: &str) {
+    let text = String::from_utf8_lossy(&response.body);
+    assert_eq!(response.status, status, "{what}: status; body {text}");
+    assert_json_content_type(response, what);
+    let body = response.json();
+    let object = body.as_object().unwrap_or_else(|| panic!("{what}: {text}"));
+    assert_eq!(object.get("success"), Some(&json!(false)), "{what}: {text}");
+    assert_eq!(object.get("code"), Some(&json!(code)), "{what}: {text}");
+    let message = object.get("message").and_then(Value::as_str);
+    assert!(
+        message.is_some_and(|m| !m.is_empty()),
+        "{what}: message: {text}"
+    );
+    assert_eq!(object.len(), 3, "{what}: extra keys in {text}");
+}
+
+#[tokio::test]
+async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
+    let long_id = "m".repeat(100);
+    let huge_trait = "x".repeat(33 * 1024);
+    let mut too_many = String::from(r#"{"batch":["#);
+    for i in 0..2_501 {
+        if i > 0 {
+            too_many.push(',');
+        }
+        too_many.push_str(&group(&format!("u{i}")));
+    }
+    too_many.push_str("]}");
+    // Valid JSON, padded with spaces past the limit.
+    let mut oversize = format!(r#"{{"batch":[{}]}}"#, group("u")).into_bytes();
+    oversize.resize(LIMIT + 1, b' ');
+    // The same, chunked: only reading the body can tell it is too large.
+    let mut chunked = Vec::new();
+    for chunk in oversize.chunks(64 * 1024) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let bomb = gzip_zeros(50 << 20);
+    assert!(bomb.len() < LIMIT, "the bomb itself fits the limit");
+    // 512 MiB of zeros in 32 gzip members: inflating it in full would show in the RSS.
+    let member = gzip_zeros(16 << 20);
+    let big_bomb = member.repeat(32);
+    assert!(big_bomb.len() < LIMIT, "the big bomb itself fits the limit");
+    let mut bad_utf8 = format!(r#"{{"batch":[{}]}}"#, group("u")).into_bytes();
+    let at = bad_utf8.iter().position(|&b| b == b'u').unwrap();
+    bad_utf8.splice(at..at, [0xff, 0xfe]);
+
+    let valid_batch = format!(r#"{{"batch":[{}]}}"#, group("u"));
+    let cases = vec![
+        // The body as JSON.
+        case(
+            "invalid JSON",
+            keyed("/v1/batch", r#"{"batch": ["#),
+            400,
+            "invalid_json",
+        ),
+        case("empty body", keyed("/v1/batch", ""), 400, "invalid_json"),
+        case(
+            "trailing garbage",
+            keyed("/v1/batch", r#"{"batch":[]} x"#),
+            400,
+            "invalid_json",
+        ),
+        case(
+            "invalid UTF-8",
+            post("/v1/batch", Some(KEY), &bad_utf8),
+            400,
+            "invalid_json",
+        ),
+        case(
+            "body an array",
+            keyed("/v1/batch", &format!("[{}]", group("u"))),
+            400,
+            "invalid_body",
+        ),
+        case(
+            "body a string",
+            keyed("/v1/batch", r#""batch""#),
+            400,
+            "invalid_body",
+        ),
+        case("body null", keyed("/v1/batch", "null"), 400, "invalid_body"),
+        case(
+            "single body an array",
+            keyed("/v1/group", "[]"),
+            400,
+            "invalid_body",
+        ),
+        // The batch envelope.
+        case(
+            "batch an object",
+            keyed("/v1/batch", &format!(r#"{{"batch":{}}}"#, group("u"))),
+            400,
+            "invalid_batch",
+        ),
+        case(
+            "batch null",
+            keyed("/v1/batch", r#"{"batch":null}"#),
+            400,
+            "invalid_batch",
+        ),
+        case(
+            "missing batch",
+            keyed("/v1/batch", r#"{"sentAt":"2026-01-01T00:00:00.000Z"}"#),
+            400,
+            "missing_batch",
+        ),
+        case(
+            "missing batch on /v1/import",
+            keyed("/v1/import", "{}"),
+            400,
+            "missing_batch",
+        ),
+        case(
+            "empty batch",
+            keyed("/v1/batch", r#"{"batch":[]}"#),
+            400,
+            "empty_batch",
+        ),
+        case(
+            "2,501 calls",
+            keyed("/v1/batch", &too_many),
+            400,
+            "too_many_calls",
+        ),
+        case(
+            "batch context a string",
+            keyed(
+                "/v1/batch",
+                &format!(r#"{{"batch":[{}],"context":"x"}}"#, group("u")),
+            ),
+            400,
+            "invalid_context",
+        ),
+        case(
+            "batch integrations an array",
+            keyed(
+                "/v1/batch",
+                &format!(r#"{{"batch":[{}],"integrations":[]}}"#, group("u")),
+            ),
+            400,
+            "invalid_integrations",
+        ),
+        case(
+            "body writeKey a number",
+            post(
+                "/v1/batch",
+                None,
+                format!(r#"{{"batch":[{}],"writeKey":5}}"#, group("u")).as_bytes(),
+            ),
+            400,
+            "invalid_write_key",
+        ),
+        // One call on /v1/group and friends.
+        case(
+            "group without groupId",
+            keyed("/v1/group", r#"{"userId":"u"}"#),
+            400,
+            "missing_group_id",
+        ),
+        case(
+            "group with null groupId",
+            keyed("/v1/group", r#"{"userId":"u","groupId":null}"#),
+            400,
+            "missing_group_id",
+        ),
+        case(
+            "group with empty groupId",
+            keyed("/v1/group", r#"{"userId":"u","groupId":""}"#),
+            400,
+            "missing_group_id",
+        ),
+        case(
+            "group without userId/anonymousId",
+            keyed("/v1/group", r#"{"groupId":"g"}"#),
+            400,
+            "missing_user_id",
+        ),
+        case(
+            "null userId",
+            keyed("/v1/group", r#"{"userId":null,"groupId":"g"}"#),
+            400,
+            "missing_user_id",
+        ),
+        case(
+            "empty userId",
+            keyed("/v1/group", r#"{"userId":"","groupId":"g"}"#),
+            400,
+            "missing_user_id",
+        ),
+        case(
+            "empty userId, null anonymousId",
+            keyed(
+                "/v1/group",
+                r#"{"userId":"","anonymousId":null,"groupId":"g"}"#,
+            ),
+            400,
+            "missing_user_id",
+        ),
+        case(
+            "userId an object",
+            keyed("/v1/group", r#"{"userId":{"id":"u"},"groupId":"g"}"#),
+            400,
+            "invalid_user_id",
+        ),
+        case(
+            "traits an array",
+            keyed(
+                "/v1/group",
+                r#"{"userId":"u","groupId":"g","traits":["a"]}"#,
+            ),
+            400,
+            "invalid_traits",
+        ),
+        case(
+            "context a string",
+            keyed(
+                "/v1/group",
+                r#"{"userId":"u","groupId":"g","context":"ctx"}"#,
+            ),
+            400,
+            "invalid_context",
+        ),
+        case(
+            "integrations a number",
+            keyed(
+                "/v1/group",
+                r#"{"userId":"u","groupId":"g","integrations":1}"#,
+            ),
+            400,
+            "invalid_integrations",
+        ),
+        case(
+            "messageId of 100 chars",
+            keyed(
+                "/v1/group",
+                &format!(r#"{{"userId":"u","groupId":"g","messageId":"{long_id}"}}"#),
+            ),
+            400,
+            "invalid_message_id",
+        ),
+        case(
+            "messageId empty",
+            keyed(
+                "/v1/group",
+                r#"{"userId":"u","groupId":"g","messageId":""}"#,
+            ),
+            400,
+            "invalid_message_id",
+        ),
+        case(
+            "messageId a number",
+            keyed("/v1/group", r#"{"userId":"u","groupId":"g","messageId":7}"#),
+            400,
+            "invalid_message_id",
+        ),
+        case(
+            "timestamp a number",
+            keyed(
+                "/v1/group",
+                r#"{"userId":"u","groupId":"g","timestamp":1700000000}"#,
+            ),
+            400,
+            "invalid_timestamp",
+        ),
+        case(
+            "call over 32 KB",
+            keyed(
+                "/v1/group",
+                &format!(r#"{{"userId":"u","groupId":"g","traits":{{"big":"{huge_trait}"}}}}"#),
+            ),
+            400,
+            "call_too_large",
+        ),
+        case(
+            "track without event",
+            keyed("/v1/track", r#"{"userId":"u"}"#),
+            400,
+            "missing_event",
+        ),
+        case(
+            "alias without previousId",
+            keyed("/v1/alias", r#"{"userId":"u"}"#),
+            400,
+            "missing_previous_id",
+        ),
+        // The writeKey.
+        case(
+            "no writeKey, no default",
+            post("/v1/batch", None, valid_batch.as_bytes()),
+            401,
+            "missing_write_key",
+        ),
+        case(
+            "empty body writeKey, no default",
+            post(
+                "/v1/batch",
+                None,
+                format!(r#"{{"batch":[{}],"writeKey":""}}"#, group("u")).as_bytes(),
+            ),
+            401,
+            "missing_write_key",
+        ),
+        case(
+            "Bearer auth",
+            raw(
+                "POST",
+                "/v1/batch",
+                &[
+                    "Authorization: Bearer abc".into(),
+                    format!("Content-Length: {}", valid_batch.len()),
+                ],
+                valid_batch.as_bytes(),
+            ),
+            401,
+            "invalid_authorization",
+        ),
+        // Sizes and encodings.
+        case(
+            "body over 1 MiB",
+            post("/v1/batch", Some(KEY), &oversize),
+            413,
+            "body_too_large",
+        ),
+        case(
+            "Content-Length over 1 MiB",
+            raw(
+                "POST",
+                "/v1/batch",
+                &[basic_auth(), format!("Content-Length: {}", LIMIT + 1)],
+                valid_batch.as_bytes(),
+            ),
+            413,
+            "body_too_large",
+        ),
+        case(
+            "chunked body over 1 MiB",
+            raw(
+                "POST",
+                "/v1/batch",
+                &[basic_auth(), "Transfer-Encoding: chunked".into()],
+                &chunked,
+            ),
+            413,
+            "body_too_large",
+        ),
+        case(
+            "gzip bomb, 50 MB of zeros",
+            encoded("gzip", &bomb),
+            413,
+            "body_too_large",
+        ),
+        case(
+            "gzip bomb, 512 MiB in 32 members",
+            encoded("gzip", &big_bomb),
+            413,
+            "body_too_large",
+        ),
+        case(
+            "brotli",
+            encoded("br", valid_batch.as_bytes()),
+            415,
+            "unsupported_encoding",
+        ),
+        case(
+            "deflate",
+            encoded("deflate", valid_batch.as_bytes()),
+            415,
+            "unsupported_encoding",
+        ),
+        case(
+            "invalid gzip bytes",
+            encoded("gzip", b"this is not gzip at all"),
+            400,
+            "invalid_gzip",
+        ),
+        case(
+            "truncated gzip",
+            encoded("gzip", &gzip(valid_batch.as_bytes())[..20]),
+            400,
+            "invalid_gzip",
+        ),
+        // Methods and paths.
+        case("GET /v1/batch", get("/v1/batch"), 405, "method_not_allowed"),
+        case(
+            "PUT /v1/group",
+            raw("PUT", "/v1/group", &["Content-Length: 0".into()], b""),
+            405,
+            "method_not_allowed",
+        ),
+        case(
+            "POST /v1/nope",
+            keyed("/v1/nope", &valid_batch),
+            404,
+            "not_found",
+        ),
+        case(
+            "POST /v2/batch",
+            keyed("/v2/batch", &valid_batch),
+            404,
+            "not_found",
+        ),
+        case("GET /", get("/"), 404, "not_found"),
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--upstream", NO_UPSTREAM]);
+    for case in &cases {
+        let response = send(&daemon, &case.request).await;
+        assert_error(&response, case.status, case.code, case.name);
+        if case.status == 405 {
+            assert_eq!(
+                response.header("Allow"),
+                Some("POST"),
+                "{}: Allow",
+                case.name
+            );
+        }
+    }
+    // No bomb was inflated in full: the peak RSS stays far below its 512 MiB.
+    let peak = peak_rss(daemon.pid());
+    assert!(peak < 256 << 20, "daemon peak RSS {} MiB", peak >> 20);
+
+    assert!(daemon.terminate().success());
+    let disk = on_disk(dir.path()).await;
+    assert!(disk.calls.is_empty(), "queued: {:?}", disk.call_json());
+    assert!(disk.rejected.is_empty(), "rejected: {:?}", disk.rejected);
+}
+
+/// A batch with good and bad calls: 200, the good ones queued in order, the bad ones in the
+/// rejected store with their code and the JSON exactly as sent.
+#[tokio::test]
+async fn mixed_batch_queues_valid_calls_and_keeps_rejected_ones() {
+    let items: [(&str, Option<&str>); 10] = [
+        (r#"{"type":"group","userId":"u0","groupId":"g"}"#, None),
+        (
+            r#"{"type":"group","userId":"u1"}"#,
+            Some("missing_group_id"),
+        ),
+        (
+            r#"{"type":"track","userId":"u2","event":"Signed Up"}"#,
+            None,
+        ),
+        ("42", Some("invalid_call")),
+        (r#"{"type":"bogus","userId":"u4"}"#, Some("invalid_type")),
+        (r#"{"userId":"u5","groupId":"g"}"#, Some("missing_type")),
+        (r#"{"type":"identify","userId":123}"#, None),
+        (
+            r#"{ "type": "group", "traits": [1, 2], "userId": "u7", "groupId": "g" }"#,
+            Some("invalid_traits"),
+        ),
+        (
+            r#"{"type":"group","userId":"u8","anonymousId":null,"groupId":42}"#,
+            None,
+        ),
+        (
+            r#"{"type":"track","userId":"u9","event":""}"#,
+            Some("invalid_event"),
+        ),
+    ];
+    let body = format!(
+        r#"{{"batch":[{}],"writeKey":"KEY_mixed"}}"#,
+        items
+            .iter()
+            .map(|(text, _)| *text)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--upstream", NO_UPSTREAM]);
+    let response = send(&daemon, &post("/v1/batch", None, body.as_bytes())).await;
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_json_content_type(&response, "mixed batch");
+    let answer = response.json();
+    assert_eq!(answer["success"], json!(true));
+    assert_eq!(answer.as_object().unwrap().len(), 2, "{answer}");
+    let rejected = answer["rejected"].as_array().expect("rejected list");
+    let expected_rejected: Vec<(usize, &str)> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, code))| code.map(|code| (i, code)))
+        .collect();
+    let got: Vec<(usize, &str)> = rejected
+        .iter()
+        .map(|r| {
+            assert_eq!(r.as_object().unwrap().len(), 3, "{r}");
+            assert!(r["message"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
+            (
+                r["index"].as_u64().expect("index") as usize,
+                r["code"].as_str().expect("code"),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected_rejected);
+
+    assert!(daemon.terminate().success());
+    let disk = on_disk(dir.path()).await;
+    let queued: Vec<Value> = disk.call_json();
+    let user_ids: Vec<&Value> = queued.iter().map(|c| &c["userId"]).collect();
+    assert_eq!(
+        user_ids,
+        [&json!("u0"), &json!("u2"), &json!(123), &json!("u8")]
+    );
+    assert!(disk.calls.iter().all(|c| c.write_key == "KEY_mixed"));
+    assert_eq!(
+        queued[3]["groupId"],
+        json!(42),
+        "numeric groupId forwarded unchanged"
+    );
+    assert_eq!(queued[3].get("anonymousId"), Some(&Value::Null));
+
+    assert_eq!(disk.rejected.len(), expected_rejected.len());
+    for (record, (index, code)) in disk.rejected.iter().zip(&expected_rejected) {
+        assert_eq!(record.index, *index);
+        assert_eq!(record.code, *code);
+        assert!(!record.message.is_empty());
+        assert_eq!(record.write_key, "KEY_mixed");
+        assert_eq!(
+            record.call.get(),
+            items[*index].0,
+            "rejected call kept as sent"
+        );
+    }
+}
+
+/// Shapes real senders use that look odd but are valid.
+#[tokio::test]
+async fn odd_but_valid_calls_are_accepted() {
+    let id_99 = "m".repeat(99);
+    let bodies = [
+        ("/v1/group", r#"{"userId":123,"groupId":456}"#.to_owned()),
+        (
+            "/v1/group",
+            r#"{"userId":"u","anonymousId":null,"groupId":"g"}"#.to_owned(),
+        ),
+        (
+            "/v1/group",
+            r#"{"anonymousId":"a","userId":"","groupId":"g"}"#.to_owned(),
+        ),
+        (
+            "/v1/group",
+            format!(r#"{{"userId":"u","groupId":"g","messageId":"{id_99}"}}"#),
+        ),
+        (
+            "/v1/batch",
+            r#"{"batch": [{"type": "group", "userId": 7, "anonymousId": null, "groupId": 8}]}"#
+                .to_owned(),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--upstream", NO_UPSTREAM, "--write-key", "DEFAULT_KEY"],
+    );
+    for (path, body) in &bodies {
+        let response = send(&daemon, &post(path, None, body.as_bytes())).await;
+        assert_eq!(
+            response.status,
+            200,
+            "{body}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
+        assert_json_content_type(&response, body);
+        assert_eq!(response.body, br#"{"success":true}"#, "{body}");
+    }
+    assert!(daemon.terminate().success());
+    let disk = on_disk(dir.path()).await;
+    assert!(disk.rejected.is_empty());
+    assert_eq!(disk.calls.len(), bodies.len());
+    assert!(disk.calls.iter().all(|c| c.write_key == "DEFAULT_KEY"));
+    let calls = disk.call_json();
+    // Numbers forwarded unchanged, byte for byte.
+    let first = std::str::from_utf8(&disk.calls[0].call).unwrap();
+    assert!(
+        first.contains(r#""userId":123"#) && first.contains(r#""groupId":456"#),
+        "{first}"
+    );
+    assert_eq!(calls[1].get("anonymousId"), Some(&Value::Null));
+    assert_eq!(calls[1]["userId"], json!("u"));
+    assert_eq!(calls[2]["userId"], json!(""));
+    assert_eq!(calls[3]["messageId"], json!(id_99));
+    assert_eq!(calls[4]["userId"], json!(7));
+    assert_eq!(calls[4]["groupId"], json!(8));
+    assert_eq!(calls[4].get("anonymousId"), Some(&Value::Null));
+    for call in &calls {
+        assert_eq!(call["type"], json!("group"));
+    }
+}

@@ -1,0 +1,276 @@
+//! Test helpers: the real `grouprelay` binary on a free loopback port with a temp data dir,
+//! a raw HTTP/1.1 client (so tests control every byte), and a look into the queue on disk.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+
+use grouprelay::queue::{CallRecord, Queue, QueueOptions, RejectedRecord};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_grouprelay");
+
+/// A running daemon. Killed when dropped, so a failing test leaves no process behind.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Everything the daemon has written to stderr so far.
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Starts the daemon on `127.0.0.1:0` with its queue in `data_dir`, and waits until it
+    /// logs its listening address (it listens only once the queue is open).
+    pub fn start(data_dir: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(data_dir, args, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables for the daemon alone.
+    pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start grouprelay");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut addr = None;
+        for line in lines.by_ref() {
+            let line = line.expect("read daemon stderr");
+            log.lock().unwrap().push_str(&line);
+            log.lock().unwrap().push('\n');
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                addr = Some(rest.trim().parse().expect("listen address"));
+                break;
+            }
+        }
+        let Some(addr) = addr else {
+            let status = child.wait().unwrap();
+            panic!(
+                "grouprelay exited ({status}) before listening:\n{}",
+                log.lock().unwrap()
+            );
+        };
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Daemon {
+            child: Some(child),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    /// Sends SIGKILL and waits for the process to be gone.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub async fn send(&self, request: &[u8]) -> Response {
+        send_tcp(self.addr, request).await
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the binary to completion with `args` and returns (status, stderr).
+pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run grouprelay");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Builds a request with `Content-Length` and `Connection: close`.
+pub fn post(path: &str, write_key: Option<&str>, body: &[u8]) -> Vec<u8> {
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(key) = write_key {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
+        head.push_str(&format!("Authorization: Basic {encoded}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+pub fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+pub async fn send_tcp(addr: SocketAddr, request: &[u8]) -> Response {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    exchange(stream, request).await.expect("HTTP exchange")
+}
+
+pub async fn send_unix(path: &Path, request: &[u8]) -> Response {
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .expect("connect");
+    exchange(stream, request).await.expect("HTTP exchange")
+}
+
+/// Writes `request`, then reads one response (by Content-Length, else to EOF).
+pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &[u8],
+) -> std::io::Result<Response> {
+    stream.write_all(request).await?;
+    let mut buf = Vec::new();
+    let header_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = buf[header_end..].to_vec();
+    let length = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.parse::<usize>().expect("content-length"));
+    match length {
+        Some(length) => {
+            while body.len() < length {
+                let mut chunk = vec![0u8; length - body.len()];
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        }
+        None => {
+            stream.read_to_end(&mut body).await?;
+        }
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// What a stopped daemon left on disk: the queued calls in order, and the rejected ones.
+pub struct OnDisk {
+    pub calls: Vec<CallRecord>,
+    pub rejected: Vec<RejectedRecord>,
+}
+
+impl OnDisk {
+    /// The queued calls' bodies as JSON.
+    pub fn call_json(&self) -> Vec<serde_json::Value> {
+        self.calls
+            .iter()
+            .map(|c| serde_json::from_slice(&c.call).expect("queued call is JSON"))
+            .collect()
+    }
+}
+
+/// Opens the queue of a daemon that is no longer running and reads everything in it.
+pub async fn on_disk(data_dir: &Path) -> OnDisk {
+    let queue = Queue::open(QueueOptions::new(data_dir)).expect("open queue");
+    let calls = queue
+        .read(0, usize::MAX)
+        .expect("read queue")
+        .into_iter()
+        .map(|c| c.record)
+        .collect();
+    let rejected = queue.rejected().expect("read rejected");
+    queue.close().await.expect("close queue");
+    OnDisk { calls, rejected }
+}

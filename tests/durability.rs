@@ -1,0 +1,287 @@
+//! The daemon's promise, tested against the real binary: a call answered 200 is on disk,
+//! whatever happens to the process after.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::{get, on_disk, post, run_to_exit, send_unix, Daemon};
+
+fn group_call(id: &str) -> Vec<u8> {
+    format!(
+        r#"{{"userId":"u-{id}","groupId":"g","messageId":"{id}","traits":{{"name":"Acme","plan":null}}}}"#
+    )
+    .into_bytes()
+}
+
+/// 8 writers send concurrently; the daemon is killed with SIGKILL once a (varying) number of
+/// calls have been acknowledged. After each kill, every acknowledged call must be on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_never_loses_an_acknowledged_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut acknowledged = HashSet::new();
+    for round in 0..4 {
+        let daemon = Daemon::start(dir.path(), &["--write-key", "K"]);
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let reached = Arc::new(tokio::sync::Notify::new());
+        // Vary the moment of the kill from round to round.
+        let kill_after = 150 + round * 137;
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let (acked, count, reached) = (acked.clone(), count.clone(), reached.clone());
+                let addr = daemon.addr;
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        let id = format!("r{round}-w{w}-{i}");
+                        let request = post("/v1/group", None, &group_call(&id));
+                        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                            return;
+                        };
+                        match common::exchange(stream, &request).await {
+                            Ok(response) if response.status == 200 => {
+                                acked.lock().unwrap().push(id);
+                                if count.fetch_add(1, Ordering::SeqCst) + 1 == kill_after {
+                                    reached.notify_one();
+                                }
+                            }
+                            Ok(response) => panic!("unexpected status {}", response.status),
+                            Err(_) => return, // the daemon died mid-request: not acknowledged
+                        }
+                    }
+                })
+            })
+            .collect();
+        reached.notified().await;
+        daemon.kill();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        acknowledged.extend(acked.lock().unwrap().drain(..));
+        let disk = on_disk(dir.path()).await;
+        let queued: HashSet<String> = disk
+            .call_json()
+            .iter()
+            .map(|c| c["messageId"].as_str().unwrap().to_owned())
+            .collect();
+        let lost: Vec<_> = acknowledged.difference(&queued).collect();
+        assert!(
+            lost.is_empty(),
+            "round {round}: {} acknowledged calls lost: {lost:?}",
+            lost.len()
+        );
+        assert!(acknowledged.len() >= kill_after);
+    }
+}
+
+#[tokio::test]
+async fn sigterm_finishes_cleanly_and_keeps_the_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let health = daemon.send(&get("/health")).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json(), serde_json::json!({"status": "ok"}));
+    for i in 0..10 {
+        let response = daemon
+            .send(&post("/v1/group", Some("K"), &group_call(&format!("m{i}"))))
+            .await;
+        assert_eq!(response.status, 200);
+    }
+    let status = daemon.terminate();
+    assert_eq!(status.code(), Some(0));
+    let disk = on_disk(dir.path()).await;
+    assert_eq!(disk.calls.len(), 10);
+    assert!(disk.calls.iter().all(|c| c.write_key == "K"));
+}
+
+#[tokio::test]
+async fn the_queue_limit_answers_429_and_restarts_with_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--max-queue-bytes", "2000"]);
+    let mut accepted = 0;
+    let refusal = loop {
+        let response = daemon
+            .send(&post(
+                "/v1/group",
+                Some("K"),
+                &group_call(&format!("m{accepted}")),
+            ))
+            .await;
+        match response.status {
+            200 => accepted += 1,
+            _ => break response,
+        }
+        assert!(accepted < 100, "the limit was never reached");
+    };
+    assert_eq!(refusal.status, 429);
+    assert!(
+        refusal
+            .header("Retry-After")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(refusal.json()["code"], "queue_full");
+    assert_eq!(refusal.json()["success"], false);
+    // The daemon keeps serving.
+    assert_eq!(daemon.send(&get("/health")).await.status, 200);
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_eq!(on_disk(dir.path()).await.calls.len(), accepted);
+
+    // With room (a larger limit), the same daemon data takes calls again.
+    let daemon = Daemon::start(dir.path(), &["--max-queue-bytes", "1000000"]);
+    let response = daemon
+        .send(&post("/v1/group", Some("K"), &group_call("later")))
+        .await;
+    assert_eq!(response.status, 200);
+    daemon.terminate();
+    assert_eq!(on_disk(dir.path()).await.calls.len(), accepted + 1);
+}
+
+#[tokio::test]
+async fn a_unix_socket_serves_with_mode_0660_and_replaces_a_stale_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("grouprelay.sock");
+    // A stale socket file, as a killed daemon leaves behind.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let listen = format!("unix:{}", socket.display());
+    let daemon = Daemon::start(&dir.path().join("data"), &["--listen", &listen]);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let response = send_unix(
+        &socket,
+        &post("/v1/group", Some("K"), &group_call("via-unix")),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, br#"{"success":true}"#);
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert!(!socket.exists(), "the socket file is removed on shutdown");
+    let disk = on_disk(&dir.path().join("data")).await;
+    assert_eq!(disk.call_json()[0]["messageId"], "via-unix");
+}
+
+#[test]
+fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nno-such-key = 1\n").unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "--listen", "0.0.0.0:8788", "--data-dir", data],
+            "--listen",
+        ),
+        (
+            &["run", "--listen", "10.1.2.3:0", "--data-dir", data],
+            "--allow-remote",
+        ),
+        (
+            &["run", "--durability", "sometimes", "--data-dir", data],
+            "--durability",
+        ),
+        (
+            &["run", "--upstream", "ftp://x", "--data-dir", data],
+            "--upstream",
+        ),
+        (
+            &["run", "--max-queue-bytes", "0", "--data-dir", data],
+            "--max-queue-bytes",
+        ),
+        (
+            &["run", "--max-queue-bytes", "lots", "--data-dir", data],
+            "--max-queue-bytes",
+        ),
+        (
+            &[
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                data,
+            ],
+            "no-such-key",
+        ),
+    ];
+    for (args, named) in cases {
+        let (status, stderr) = run_to_exit(args);
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(named),
+            "{args:?} should name {named}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn help_and_version_work() {
+    let (status, _) = run_to_exit(&["--version"]);
+    assert!(status.success());
+    let out = std::process::Command::new(common::BIN)
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--upstream",
+        "--write-key",
+        "--config",
+        "--durability",
+        "--max-queue-bytes",
+        "--flush-interval-ms",
+        "--allow-remote",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[tokio::test]
+async fn settings_come_from_env_and_file_with_flags_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("grouprelay.toml");
+    std::fs::write(&config, "write-key = \"FROM_FILE\"\nmax-queue-bytes = 5\n").unwrap();
+    let data = dir.path().join("data");
+    // The file's tiny limit is overridden by the environment; its write key is used.
+    let daemon = Daemon::start_with_env(
+        &data,
+        &["--config", config.to_str().unwrap()],
+        &[("GROUPRELAY_MAX_QUEUE_BYTES", "1000000")],
+    );
+    let response = daemon
+        .send(&post("/v1/group", None, &group_call("m")))
+        .await;
+    assert_eq!(response.status, 200, "{:?}", response.json());
+    daemon.terminate();
+    assert_eq!(on_disk(&data).await.calls[0].write_key, "FROM_FILE");
+
+    // A flag beats the file.
+    let daemon = Daemon::start(
+        &data,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--write-key",
+            "FLAG",
+            "--max-queue-bytes",
+            "1000000",
+        ],
+    );
+    let response = daemon
+        .send(&post("/v1/group", None, &group_call("n")))
+        .await;
+    assert_eq!(response.status, 200);
+    daemon.terminate();
+    assert_eq!(on_disk(&data).await.calls[1].write_key, "FLAG");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the data dir is created with mode 0700");
+}

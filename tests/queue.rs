@@ -1,0 +1,153 @@
+//! The queue's guarantees, tested as properties on a real sled database in a temp dir.
+
+use grouprelay::queue::{Durability, Queue, QueueError, QueueOptions};
+
+fn call(i: usize) -> Vec<u8> {
+    format!(r#"{{"type":"group","userId":"u{i}","groupId":"g","messageId":"m{i}"}}"#).into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_flushes_and_read_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
+    let writers: Vec<_> = (0..64)
+        .map(|w| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    let batch = vec![call(w * 100 + i * 2), call(w * 100 + i * 2 + 1)];
+                    queue.append("key", 1, &batch, &[]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    // 640 durable appends; group commit shares flushes between the waiting writers.
+    let flushes = queue.flushes();
+    assert!(flushes < 640 / 2, "{flushes} flushes for 640 appends");
+
+    let calls = queue.read(0, usize::MAX).unwrap();
+    assert_eq!(calls.len(), 1280);
+    assert!(calls.windows(2).all(|w| w[0].id < w[1].id));
+    // Each append's two calls are adjacent and in request order.
+    for pair in calls.chunks(2) {
+        let a: serde_json::Value = serde_json::from_slice(&pair[0].record.call).unwrap();
+        let b: serde_json::Value = serde_json::from_slice(&pair[1].record.call).unwrap();
+        let n =
+            |v: &serde_json::Value| v["userId"].as_str().unwrap()[1..].parse::<usize>().unwrap();
+        assert_eq!(n(&a) + 1, n(&b));
+    }
+    queue.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn calls_survive_reopen_and_leave_only_when_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
+    let batch: Vec<_> = (0..5).map(call).collect();
+    queue.append("key-a", 42, &batch, &[]).await.unwrap();
+    queue.close().await.unwrap();
+    drop(queue);
+
+    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
+    let calls = queue.read(0, usize::MAX).unwrap();
+    assert_eq!(calls.len(), 5);
+    assert_eq!(calls[0].record.write_key, "key-a");
+    assert_eq!(calls[0].record.received_ms, 42);
+    assert_eq!(calls[3].record.call, call(3));
+    queue.remove(&calls[..2]).unwrap();
+    // Appends after a reopen continue after the last key.
+    queue.append("key-b", 43, &[call(9)], &[]).await.unwrap();
+    queue.close().await.unwrap();
+    drop(queue);
+
+    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
+    let calls = queue.read(0, usize::MAX).unwrap();
+    let ids: Vec<_> = calls
+        .iter()
+        .map(|c| String::from_utf8(c.record.call.clone()).unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [call(2), call(3), call(4), call(9)].map(|c| String::from_utf8(c).unwrap())
+    );
+    assert_eq!(calls[3].record.write_key, "key-b");
+    // Reading from an id skips the ones before it.
+    assert_eq!(queue.read(calls[1].id, 2).unwrap().len(), 2);
+    queue.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_byte_limit_refuses_new_calls_and_frees_on_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = QueueOptions {
+        max_bytes: 1_000,
+        ..QueueOptions::new(dir.path())
+    };
+    let queue = Queue::open(options).unwrap();
+    let mut accepted = 0;
+    loop {
+        match queue.append("key", 1, &[call(accepted)], &[]).await {
+            Ok(()) => accepted += 1,
+            Err(QueueError::Full { stored, limit }) => {
+                assert_eq!(limit, 1_000);
+                assert!(stored <= limit);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(accepted > 5, "only {accepted} calls fit");
+    // Nothing already queued is touched by a refusal.
+    let calls = queue.read(0, usize::MAX).unwrap();
+    assert_eq!(calls.len(), accepted);
+    queue.remove(&calls[..1]).unwrap();
+    queue.append("key", 1, &[call(0)], &[]).await.unwrap();
+    assert!(queue.append("key", 1, &[call(0)], &[]).await.is_err());
+    queue.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn interval_mode_acknowledges_before_the_flush_and_still_persists_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = QueueOptions {
+        durability: Durability::Interval,
+        // Long enough that no periodic flush runs during the test.
+        sync_interval: std::time::Duration::from_secs(3600),
+        ..QueueOptions::new(dir.path())
+    };
+    let queue = Queue::open(options.clone()).unwrap();
+    for i in 0..20 {
+        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
+    }
+    assert_eq!(
+        queue.flushes(),
+        0,
+        "interval mode must not flush per append"
+    );
+    queue.close().await.unwrap();
+    drop(queue);
+    let queue = Queue::open(options).unwrap();
+    assert_eq!(queue.read(0, usize::MAX).unwrap().len(), 20);
+    queue.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path().join(grouprelay::queue::DB_DIR)).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format", &[9u8])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    match Queue::open(QueueOptions::new(dir.path())) {
+        Err(QueueError::NewerFormat(9)) => {}
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a newer format was opened"),
+    }
+}
