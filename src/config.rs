@@ -346,7 +346,9 @@ impl Config {
 /// `7d`, `12h`, `30m`, `90s`, `500ms`, or a number of seconds; never zero.
 fn parse_age(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number.parse().ok()?;
     let age = match unit.trim() {

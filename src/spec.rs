@@ -390,12 +390,14 @@ fn validate(fields: &Entries<'_>, call_type: CallType) -> Result<(), Violation> 
         let id: Option<Cow<'_, str>> = serde_json::from_str(raw.get()).ok();
         match id {
             Some(id) if !id.is_empty() && id.chars().count() < MAX_MESSAGE_ID_CHARS => {}
-            _ => return Err(Violation::new(
-                "invalid_message_id",
-                format!(
+            _ => {
+                return Err(Violation::new(
+                    "invalid_message_id",
+                    format!(
                     "messageId must be a non-empty string under {MAX_MESSAGE_ID_CHARS} characters"
                 ),
-            )),
+                ))
+            }
         }
     }
     if let Some(raw) = present(fields.get("timestamp")) {

@@ -498,9 +498,14 @@ async fn single_group_call_keeps_traits_exactly() {
         .await;
     assert_success(&response, "Basic and body writeKey");
 
+    // A single call whose only writeKey is in its body (no default key was given).
+    let single = br#"{"userId":"u","groupId":"g","writeKey":"SINGLE_BODY_KEY","sentAt":"2026-01-01T00:00:00.000Z"}"#;
+    let response = daemon.send(&post("/v1/group", None, single)).await;
+    assert_success(&response, "single call with body writeKey");
+
     assert!(daemon.terminate().success());
     let disk = on_disk(dir.path()).await;
-    assert_eq!(disk.calls.len(), 2);
+    assert_eq!(disk.calls.len(), 3);
     assert!(disk.rejected.is_empty());
 
     let record = &disk.calls[0];
@@ -520,4 +525,10 @@ async fn single_group_call_keeps_traits_exactly() {
     assert_eq!(disk.calls[1].write_key, "HEADER_KEY");
     let stored: Value = serde_json::from_slice(&disk.calls[1].call).unwrap();
     assert!(stored.get("writeKey").is_none());
+
+    assert_eq!(disk.calls[2].write_key, "SINGLE_BODY_KEY");
+    let stored: Value = serde_json::from_slice(&disk.calls[2].call).unwrap();
+    assert!(stored.get("writeKey").is_none(), "{stored}");
+    assert!(stored.get("sentAt").is_none(), "{stored}");
+    assert_eq!(stored["type"], json!("group"));
 }

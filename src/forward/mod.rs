@@ -356,7 +356,11 @@ impl Forwarder {
                     // They were delivered; at worst they are sent again after a restart.
                     tracing::error!(error = %e, "cannot remove delivered calls from the queue");
                 }
-                tracing::info!(calls = calls.len(), attempts = lane.attempts + 1, "batch delivered");
+                tracing::info!(
+                    calls = calls.len(),
+                    attempts = lane.attempts + 1,
+                    "batch delivered"
+                );
                 lane.attempts = 0;
                 lane.backoff.reset();
                 if lane.probe.is_some_and(|(_, until)| last_id >= until) {
@@ -404,7 +408,10 @@ impl Forwarder {
                     attempts: lane.attempts + 1,
                 };
                 match self.queue.dead_letter(&calls, &reason) {
-                    Ok(()) => tracing::warn!(status, "upstream refused a call; moved to the dead-letter store"),
+                    Ok(()) => tracing::warn!(
+                        status,
+                        "upstream refused a call; moved to the dead-letter store"
+                    ),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot dead-letter a refused call; it stays queued");
                         lane.retry_at = Some(Instant::now() + settings.retry_max_interval);

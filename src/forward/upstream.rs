@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+};
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -184,7 +186,12 @@ fn classify(status: StatusCode, after: Option<Duration>, body: &[u8]) -> Outcome
 /// How long upstream asked us to wait: `Retry-After` (seconds or an HTTP date), else
 /// `X-RateLimit-Reset` (seconds to wait, or a Unix time in seconds).
 fn wait_hint(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
-    let text = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::trim);
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::trim)
+    };
     if let Some(value) = text(RETRY_AFTER.as_str()) {
         if let Ok(secs) = value.parse::<u64>() {
             return Some(Duration::from_secs(secs));
@@ -212,13 +219,22 @@ mod tests {
         let refused = [400, 401, 403, 404, 413, 422, 418, 501, 505];
         for code in retried {
             let status = StatusCode::from_u16(code).unwrap();
-            assert!(matches!(classify(status, None, b""), Outcome::Retry { .. }), "{code}");
+            assert!(
+                matches!(classify(status, None, b""), Outcome::Retry { .. }),
+                "{code}"
+            );
         }
         for code in refused {
             let status = StatusCode::from_u16(code).unwrap();
-            assert!(matches!(classify(status, None, b""), Outcome::Refused { .. }), "{code}");
+            assert!(
+                matches!(classify(status, None, b""), Outcome::Refused { .. }),
+                "{code}"
+            );
         }
-        assert!(matches!(classify(StatusCode::OK, None, b""), Outcome::Delivered));
+        assert!(matches!(
+            classify(StatusCode::OK, None, b""),
+            Outcome::Delivered
+        ));
     }
 
     #[test]

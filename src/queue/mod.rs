@@ -357,10 +357,13 @@ impl Queue {
                 response: reason.response.clone(),
                 attempts: reason.attempts,
                 dead_at_ms: now_ms,
-                call: RawValue::from_string(String::from_utf8_lossy(&call.record.call).into_owned())
-                    .map_err(|e| QueueError::Storage(format!("queued call is not JSON: {e}")))?,
+                call: RawValue::from_string(
+                    String::from_utf8_lossy(&call.record.call).into_owned(),
+                )
+                .map_err(|e| QueueError::Storage(format!("queued call is not JSON: {e}")))?,
             };
-            let value = serde_json::to_vec(&record).map_err(|e| QueueError::Storage(e.to_string()))?;
+            let value =
+                serde_json::to_vec(&record).map_err(|e| QueueError::Storage(e.to_string()))?;
             moves.push((call.id, self.inner.db.generate_id()?, value));
         }
         let added: u64 = moves.iter().map(|(_, _, v)| v.len() as u64 + KEY_LEN).sum();
