@@ -17,8 +17,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 const KEY: &str = "KEY_bad_input";
-/// Nothing listens here: should the daemon forward, calls stay queued (it retries).
-const NO_UPSTREAM: &str = "http://127.0.0.1:9";
+/// Daemon flags that keep every accepted call in the queue for `on_disk` to read: an
+/// upstream where nothing listens (the forwarder retries, never drops), and no drain on
+/// shutdown (so `terminate` returns at once).
+const KEEP_QUEUED: [&str; 4] = [
+    "--upstream",
+    "http://127.0.0.1:9",
+    "--drain-timeout-ms",
+    "0",
+];
 /// The daemon's default body limit (`--max-body-bytes`).
 const LIMIT: usize = 1 << 20;
 
@@ -584,7 +591,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     ];
 
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &["--upstream", NO_UPSTREAM]);
+    let daemon = Daemon::start(dir.path(), &KEEP_QUEUED);
     for case in &cases {
         let response = send(&daemon, &case.request).await;
         assert_error(&response, case.status, case.code, case.name);
@@ -605,6 +612,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     let disk = on_disk(dir.path()).await;
     assert!(disk.calls.is_empty(), "queued: {:?}", disk.call_json());
     assert!(disk.rejected.is_empty(), "rejected: {:?}", disk.rejected);
+    assert_eq!(disk.dead.len(), 0, "dead letters");
 }
 
 /// A batch with good and bad calls: 200, the good ones queued in order, the bad ones in the
@@ -648,7 +656,7 @@ async fn mixed_batch_queues_valid_calls_and_keeps_rejected_ones() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &["--upstream", NO_UPSTREAM]);
+    let daemon = Daemon::start(dir.path(), &KEEP_QUEUED);
     let response = send(&daemon, &post("/v1/batch", None, body.as_bytes())).await;
     assert_eq!(
         response.status,
@@ -736,7 +744,7 @@ async fn odd_but_valid_calls_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(
         dir.path(),
-        &["--upstream", NO_UPSTREAM, "--write-key", "DEFAULT_KEY"],
+        &[&KEEP_QUEUED[..], &["--write-key", "DEFAULT_KEY"]].concat(),
     );
     for (path, body) in &bodies {
         let response = send(&daemon, &post(path, None, body.as_bytes())).await;

@@ -20,8 +20,15 @@ use serde_json::{json, Map, Value};
 /// The default writeKey given to daemons replaying requests that carry Basic auth. The
 /// requests that carry the key only in their body get a daemon without one.
 const DEFAULT_KEY: &str = "DEFAULT_KEY";
-/// Nothing listens here: should the daemon forward, calls stay queued (it retries).
-const NO_UPSTREAM: &str = "http://127.0.0.1:9";
+/// Daemon flags that keep every accepted call in the queue for `on_disk` to read: an
+/// upstream where nothing listens (the forwarder retries, never drops), and no drain on
+/// shutdown (so `terminate` returns at once).
+const KEEP_QUEUED: [&str; 4] = [
+    "--upstream",
+    "http://127.0.0.1:9",
+    "--drain-timeout-ms",
+    "0",
+];
 
 /// The captures this suite knows about; a folder added or lost fails the test.
 const KNOWN: [&str; 9] = [
@@ -303,7 +310,7 @@ async fn replays_every_captured_client_request() {
 
         let has_auth = capture.header("Authorization").is_some();
         let dir = tempfile::tempdir().unwrap();
-        let mut args = vec!["--upstream", NO_UPSTREAM];
+        let mut args = KEEP_QUEUED.to_vec();
         if has_auth {
             // A default key the daemon must not use: the Basic one wins.
             args.extend(["--write-key", DEFAULT_KEY]);
@@ -330,6 +337,7 @@ async fn replays_every_captured_client_request() {
             "{name}: rejected {:?}",
             disk.rejected
         );
+        assert_eq!(disk.dead.len(), 0, "{name}: dead letters");
 
         let write_key = capture.write_key();
         assert_ne!(write_key, DEFAULT_KEY);
@@ -485,7 +493,7 @@ async fn single_group_call_keeps_traits_exactly() {
 }}"#
     );
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &["--upstream", NO_UPSTREAM]);
+    let daemon = Daemon::start(dir.path(), &KEEP_QUEUED);
     let response = daemon
         .send(&post("/v1/group", Some("KEY_single"), body.as_bytes()))
         .await;
