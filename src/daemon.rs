@@ -85,6 +85,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
         listeners.push(listener);
     }
 
+    tracing::info!("grouprelay ready");
     let ingest = Arc::new(Ingest::new(
         queue.clone(),
         config.write_key.clone(),

@@ -342,29 +342,35 @@ fn normalise(
 
 /// Checks the fields that `group-call.md` requires of each call type.
 fn validate(fields: &Entries<'_>, call_type: CallType) -> Result<(), Violation> {
-    let user_id = id_field(fields, "userId")?;
-    let anonymous_id = id_field(fields, "anonymousId")?;
+    let user_id = has_id(fields, "userId");
+    let anonymous_id = has_id(fields, "anonymousId");
     match call_type {
         CallType::Alias => {
             if !user_id {
-                return Err(Violation::new("missing_user_id", "alias requires userId"));
+                return Err(Violation::new(
+                    "missing_user_id",
+                    "alias requires userId (a non-empty string or a number)",
+                ));
             }
-            if !id_field(fields, "previousId")? {
+            if !has_id(fields, "previousId") {
                 return Err(Violation::new(
                     "missing_previous_id",
-                    "alias requires previousId",
+                    "alias requires previousId (a non-empty string or a number)",
                 ));
             }
         }
         _ if !user_id && !anonymous_id => {
             return Err(Violation::new(
                 "missing_user_id",
-                "userId or anonymousId is required",
+                "userId or anonymousId is required (a non-empty string or a number)",
             ))
         }
         CallType::Group => {
-            if !id_field(fields, "groupId")? {
-                return Err(Violation::new("missing_group_id", "group requires groupId"));
+            if !has_id(fields, "groupId") {
+                return Err(Violation::new(
+                    "missing_group_id",
+                    "group requires groupId (a non-empty string or a number)",
+                ));
             }
         }
         CallType::Track => match present(fields.get("event")) {
@@ -411,26 +417,16 @@ fn validate(fields: &Entries<'_>, call_type: CallType) -> Result<(), Violation> 
     Ok(())
 }
 
-/// Whether an id field holds a usable id. A string or a number is an id; `null`, an empty
-/// string or absence counts as missing; any other type is an error naming the field.
-fn id_field(fields: &Entries<'_>, name: &str) -> Result<bool, Violation> {
-    match fields.get(name).map(|raw| (kind(raw), raw)) {
-        None | Some((Kind::Null, _)) => Ok(false),
-        Some((Kind::String, raw)) => Ok(raw.get() != "\"\""),
-        Some((Kind::Number, _)) => Ok(true),
-        Some(_) => Err(Violation::new(
-            id_code(name),
-            format!("{name} must be a string or a number"),
-        )),
-    }
-}
-
-fn id_code(name: &str) -> &'static str {
-    match name {
-        "userId" => "invalid_user_id",
-        "anonymousId" => "invalid_anonymous_id",
-        "groupId" => "invalid_group_id",
-        _ => "invalid_previous_id",
+/// Whether an id field holds a usable id: a non-empty string or a number. `null`, an empty
+/// string, any other type or absence counts as missing (`group-call.md`, "Ids").
+fn has_id(fields: &Entries<'_>, name: &str) -> bool {
+    match fields.get(name) {
+        Some(raw) => match kind(raw) {
+            Kind::String => raw.get() != "\"\"",
+            Kind::Number => true,
+            _ => false,
+        },
+        None => false,
     }
 }
 

@@ -388,7 +388,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
             "userId an object",
             keyed("/v1/group", r#"{"userId":{"id":"u"},"groupId":"g"}"#),
             400,
-            "invalid_user_id",
+            "missing_user_id",
         ),
         case(
             "traits an array",

@@ -14,7 +14,9 @@ use serde_json::json;
 fn python() -> Option<PathBuf> {
     let path = std::env::var_os("GROUPRELAY_TEST_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python")
+        });
     if path.exists() {
         return Some(path);
     }
@@ -23,7 +25,10 @@ fn python() -> Option<PathBuf> {
         "{} is missing: .ci/run installs segment-analytics-python there",
         path.display()
     );
-    eprintln!("skipping: no segment-analytics-python at {} (run .ci/run once)", path.display());
+    eprintln!(
+        "skipping: no segment-analytics-python at {} (run .ci/run once)",
+        path.display()
+    );
     None
 }
 
@@ -33,7 +38,10 @@ async fn python_client_group_calls_arrive_upstream_intact() {
     let upstream = Upstream::start(|_| Reply::Status(200)).await;
     let url = upstream.url();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &["--upstream", &url, "--flush-interval-ms", "20"]);
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--upstream", &url, "--flush-interval-ms", "20"],
+    );
     let host = format!("http://{}", daemon.addr);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/send_groups.py");
     for gzip in ["0", "1"] {

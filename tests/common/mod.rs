@@ -47,11 +47,24 @@ impl Daemon {
     }
 
     /// Like [`Daemon::start`], with extra environment variables for the daemon alone.
+    ///
+    /// Unless `args` say otherwise, the upstream is a closed loopback port and shutdown does
+    /// not wait to drain, so accepted calls stay in the queue for the test to read.
     pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut defaults = Vec::new();
+        for (flag, value) in [
+            ("--upstream", "http://127.0.0.1:9"),
+            ("--drain-timeout-ms", "0"),
+        ] {
+            if !args.contains(&flag) {
+                defaults.extend([flag, value]);
+            }
+        }
         let mut child = Command::new(BIN)
             .arg("run")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
+            .args(defaults)
             .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -67,7 +80,10 @@ impl Daemon {
             let line = line.expect("read daemon stderr");
             log.push(&line);
             if let Some(rest) = line.split("listening on http://").nth(1) {
-                addr = Some(rest.trim().parse().expect("listen address"));
+                // The first TCP listener is the one the helper asked for.
+                addr = addr.or(Some(rest.trim().parse().expect("listen address")));
+            }
+            if line.contains("grouprelay ready") {
                 break;
             }
         }
