@@ -373,3 +373,81 @@ async fn calls_past_max_age_are_dead_lettered_as_expired_not_sent() {
     assert_eq!(disk.dead[0].reason, "expired");
     assert!(disk.calls.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_partial_batches_before_exit() {
+    let upstream = Upstream::start(|_| Reply::Status(200)).await;
+    let url = upstream.url();
+    let dir = tempfile::tempdir().unwrap();
+    // A flush interval far beyond the test: only the drain can send these calls.
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--upstream",
+            &url,
+            "--flush-interval-ms",
+            "3600000",
+            "--drain-timeout-ms",
+            "30000",
+        ],
+    );
+    let response = daemon
+        .send(&post("/v1/batch", Some("KEY_A"), &batch("A", 0, 7)))
+        .await;
+    assert_eq!(response.status, 200);
+    assert!(upstream.requests().is_empty());
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_eq!(message_ids(&upstream.delivered()).len(), 7);
+    assert!(on_disk(dir.path()).await.calls.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_takes_calls_again_once_upstream_drains_it() {
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let switch = healthy.clone();
+    let upstream = Upstream::start(move |_| {
+        if switch.load(Ordering::SeqCst) {
+            Reply::Status(200)
+        } else {
+            Reply::Status(503)
+        }
+    })
+    .await;
+    let url = upstream.url();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &fast(&url, &["--max-queue-bytes", "20000"]));
+    let mut accepted = 0;
+    let refusal = loop {
+        let response = daemon
+            .send(&post("/v1/batch", Some("KEY_A"), &batch("A", accepted, 1)))
+            .await;
+        if response.status != 200 {
+            break response;
+        }
+        accepted += 1;
+        assert!(accepted < 1000, "the limit was never reached");
+    };
+    assert_eq!(refusal.status, 429);
+    assert_eq!(refusal.json()["code"], "queue_full");
+    assert!(refusal.header("retry-after").is_some());
+    healthy.store(true, Ordering::SeqCst);
+    upstream.wait_delivered(accepted).await;
+    // The daemon logs each delivered batch after removing it from the queue.
+    let batches = upstream
+        .requests()
+        .iter()
+        .filter(|r| r.answered == 200)
+        .count();
+    daemon.wait_for_log_count("batch delivered", batches).await;
+    let response = daemon
+        .send(&post("/v1/batch", Some("KEY_A"), &batch("A", accepted, 1)))
+        .await;
+    assert_eq!(
+        response.status, 200,
+        "room again once delivered calls are removed"
+    );
+    upstream.wait_delivered(accepted + 1).await;
+    daemon.terminate();
+    let ids = message_ids(&upstream.delivered());
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), accepted + 1);
+}

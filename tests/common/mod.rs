@@ -137,13 +137,20 @@ impl Daemon {
     /// Waits until the daemon has logged a line containing `needle` (at most 60 s, then
     /// panics with the log).
     pub async fn wait_for_log(&self, needle: &str) {
+        self.wait_for_log_count(needle, 1).await
+    }
+
+    /// Waits until the daemon has logged `count` lines containing `needle`.
+    pub async fn wait_for_log_count(&self, needle: &str, count: usize) {
         let log = self.log.clone();
         let needle = needle.to_owned();
         tokio::task::spawn_blocking(move || {
             let text = log.text.lock().unwrap();
             let (text, timeout) = log
                 .grew
-                .wait_timeout_while(text, Duration::from_secs(60), |t| !t.contains(&needle))
+                .wait_timeout_while(text, Duration::from_secs(60), |t| {
+                    t.lines().filter(|l| l.contains(&needle)).count() < count
+                })
                 .unwrap();
             assert!(
                 !timeout.timed_out(),
