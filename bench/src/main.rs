@@ -1,0 +1,406 @@
+//! grouprelay-bench: measures grouprelay against a do-nothing hyper baseline in the same run.
+//!
+//! Every ingest figure is reported beside the baseline's and as a ratio to it, because
+//! absolute numbers on shared machines drift from run to run. Scenarios:
+//! - `ingest`: durable ingest (`fsync` and `interval`) at each connection count, over TCP and
+//!   the Unix socket, single calls on `/v1/group` and 100-call batches on `/v1/batch`;
+//! - `backlog`: a queue of N calls: disk bytes, time from start to `/health` 200, RSS;
+//! - `drain`: the same queue delivered to a local sink that answers 200 at once (calls/s);
+//! - `idle`: RSS of an idle daemon.
+
+mod load;
+mod servers;
+
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use grouprelay::queue::{Durability, Queue, QueueOptions};
+use load::{Shape, Target};
+use serde::Serialize;
+use servers::{Placement, Sink};
+
+#[derive(Parser)]
+#[command(name = "grouprelay-bench", about = "Measures grouprelay against a do-nothing baseline")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Internal>,
+    /// Scenarios to run, comma-separated: ingest, backlog, drain, idle
+    #[arg(long, value_delimiter = ',', default_value = "ingest,backlog,drain,idle")]
+    scenarios: Vec<String>,
+    /// Connection counts for ingest
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    conns: Vec<usize>,
+    /// Durability modes for ingest
+    #[arg(long, value_delimiter = ',', default_value = "fsync,interval")]
+    modes: Vec<String>,
+    /// Transports for ingest: tcp, unix
+    #[arg(long, value_delimiter = ',', default_value = "tcp,unix")]
+    transports: Vec<String>,
+    /// Request shapes for ingest: group, batch100
+    #[arg(long, value_delimiter = ',', default_value = "group,batch100")]
+    shapes: Vec<String>,
+    /// Measured seconds per ingest run (after a 1 s warm-up)
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Calls in the backlog and drain scenarios
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog_calls: u64,
+    /// Pin servers to CPU 0 and the load generator to CPU 1
+    #[arg(long)]
+    pin: bool,
+    /// Also write the results as JSON here
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Internal {
+    /// (internal) Run the baseline server; prints its TCP address.
+    Baseline {
+        #[arg(long)]
+        unix: std::path::PathBuf,
+    },
+}
+
+#[derive(Serialize, Default)]
+struct Report {
+    machine: String,
+    placement: String,
+    ingest: Vec<IngestRow>,
+    backlog: Option<BacklogRow>,
+    drain: Option<DrainRow>,
+    idle_rss_mb: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct IngestRow {
+    server: String,
+    transport: String,
+    shape: String,
+    conns: usize,
+    requests_per_sec: f64,
+    calls_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    errors: u64,
+    /// requests/s as a fraction of the baseline's in the same configuration.
+    ratio: f64,
+    rss_mb: f64,
+}
+
+#[derive(Serialize)]
+struct BacklogRow {
+    calls: u64,
+    call_bytes: u64,
+    disk_bytes: u64,
+    disk_ratio: f64,
+    start_to_healthy_ms: f64,
+    rss_mb_at_healthy: f64,
+    rss_mb_after_3s: f64,
+    peak_rss_mb: f64,
+}
+
+#[derive(Serialize)]
+struct DrainRow {
+    calls: u64,
+    seconds: f64,
+    calls_per_sec: f64,
+    peak_rss_mb: f64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(Internal::Baseline { unix }) = cli.command {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        runtime.block_on(servers::serve_baseline(unix));
+        return;
+    }
+    let placement = Placement { pinned: cli.pin };
+    let workers = if cli.pin {
+        pin_self_to_cpu(1);
+        1
+    } else {
+        2
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = runtime.block_on(run(&cli, placement));
+    print_report(&report);
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+        println!("\nwrote {}", path.display());
+    }
+}
+
+async fn run(cli: &Cli, placement: Placement) -> Report {
+    let mut report = Report {
+        machine: machine(),
+        placement: if cli.pin {
+            "servers pinned to CPU 0 (taskset), load generator and sink on CPU 1".into()
+        } else {
+            "unpinned: servers, load generator and sink share both cores".into()
+        },
+        ..Report::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let wants = |s: &str| cli.scenarios.iter().any(|x| x == s);
+    if wants("ingest") {
+        report.ingest = ingest(cli, placement, dir.path()).await;
+    }
+    if wants("backlog") || wants("drain") {
+        let data = dir.path().join("backlog");
+        let call_bytes = prefill(&data, cli.backlog_calls).await;
+        if wants("backlog") {
+            report.backlog = Some(backlog(placement, &data, cli.backlog_calls, call_bytes).await);
+        }
+        if wants("drain") {
+            report.drain = Some(drain(placement, &data, cli.backlog_calls).await);
+        }
+    }
+    if wants("idle") {
+        let sink = Sink::start().await;
+        let server = servers::start_grouprelay(placement, &dir.path().join("idle"), &sink.url(), &[]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        report.idle_rss_mb = Some(mb(server.rss().0));
+        server.stop();
+    }
+    report
+}
+
+async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<IngestRow> {
+    let mut rows = Vec::new();
+    let warmup = Duration::from_secs(1);
+    let duration = Duration::from_secs(cli.seconds);
+    let shapes: Vec<Shape> = cli
+        .shapes
+        .iter()
+        .map(|s| match s.as_str() {
+            "group" => Shape::Single,
+            "batch100" => Shape::Batch100,
+            other => panic!("unknown shape {other}"),
+        })
+        .collect();
+    let sink = Sink::start().await;
+    for shape in &shapes {
+        for transport in &cli.transports {
+            for &conns in &cli.conns {
+                // The baseline first, then each mode, back to back in the same conditions.
+                let baseline = servers::start_baseline(placement, dir);
+                let target = target_of(transport, &baseline);
+                let base = load::run(target, *shape, conns, warmup, duration).await;
+                let base_rps = base.requests_per_sec();
+                rows.push(row("baseline", transport, *shape, conns, &base, base_rps, baseline.rss().0));
+                baseline.stop();
+                for mode in &cli.modes {
+                    let data = dir.join(format!("ingest-{mode}-{transport}-{}-{conns}", shape.name()));
+                    let server = servers::start_grouprelay(
+                        placement,
+                        &data,
+                        &sink.url(),
+                        &["--durability", mode, "--max-queue-bytes", "20000000000"],
+                    );
+                    let result = load::run(target_of(transport, &server), *shape, conns, warmup, duration).await;
+                    let rss = server.rss().0;
+                    rows.push(row(&format!("grouprelay {mode}"), transport, *shape, conns, &result, base_rps, rss));
+                    server.stop();
+                    let _ = std::fs::remove_dir_all(&data);
+                }
+                eprintln!("done: {} {transport} {conns} conns", shape.name());
+            }
+        }
+    }
+    rows
+}
+
+fn target_of(transport: &str, server: &servers::Server) -> Target {
+    match transport {
+        "tcp" => Target::Tcp(server.tcp),
+        "unix" => Target::Unix(server.unix.clone()),
+        other => panic!("unknown transport {other}"),
+    }
+}
+
+fn row(
+    server: &str,
+    transport: &str,
+    shape: Shape,
+    conns: usize,
+    r: &load::LoadResult,
+    base_rps: f64,
+    rss: u64,
+) -> IngestRow {
+    IngestRow {
+        server: server.into(),
+        transport: transport.into(),
+        shape: shape.name().into(),
+        conns,
+        requests_per_sec: r.requests_per_sec(),
+        calls_per_sec: r.calls_per_sec(),
+        p50_ms: r.ms(0.5),
+        p99_ms: r.ms(0.99),
+        p999_ms: r.ms(0.999),
+        errors: r.errors,
+        ratio: r.requests_per_sec() / base_rps,
+        rss_mb: mb(rss),
+    }
+}
+
+/// Fills a queue with `n` calls through the library (as grouprelay would store them) and
+/// returns the calls' bytes.
+async fn prefill(data: &std::path::Path, n: u64) -> u64 {
+    let started = Instant::now();
+    let queue = Queue::open(QueueOptions {
+        durability: Durability::Interval,
+        max_bytes: u64::MAX,
+        ..QueueOptions::new(data)
+    })
+    .unwrap();
+    let now = grouprelay::clock::unix_ms(std::time::SystemTime::now());
+    let mut bytes = 0;
+    let mut i = 0;
+    while i < n {
+        let chunk: Vec<Vec<u8>> = (i..(i + 1000).min(n))
+            .map(|j| load::group_call(&format!("backlog-{j}-0000-0000-000000000000")).into_bytes())
+            .collect();
+        bytes += chunk.iter().map(|c| c.len() as u64).sum::<u64>();
+        i += chunk.len() as u64;
+        queue.append("BENCH_KEY", now, &chunk, &[]).await.unwrap();
+    }
+    queue.close().await.unwrap();
+    drop(queue);
+    eprintln!("prefilled {n} calls in {:.1} s", started.elapsed().as_secs_f64());
+    bytes
+}
+
+async fn backlog(placement: Placement, data: &std::path::Path, calls: u64, call_bytes: u64) -> BacklogRow {
+    let disk_bytes = disk_usage(data);
+    // Upstream down (nothing listens there): the backlog stays put while we measure.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let started = Instant::now();
+    let server = servers::start_grouprelay(placement, data, &format!("http://{closed}"), &["--drain-timeout-ms", "0"]);
+    let target = Target::Tcp(server.tcp);
+    health(&target).await;
+    let healthy = started.elapsed();
+    let at_healthy = server.rss().0;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (after, peak) = server.rss();
+    server.stop();
+    BacklogRow {
+        calls,
+        call_bytes,
+        disk_bytes,
+        disk_ratio: disk_bytes as f64 / call_bytes as f64,
+        start_to_healthy_ms: healthy.as_secs_f64() * 1000.0,
+        rss_mb_at_healthy: mb(at_healthy),
+        rss_mb_after_3s: mb(after),
+        peak_rss_mb: mb(peak),
+    }
+}
+
+async fn drain(placement: Placement, data: &std::path::Path, calls: u64) -> DrainRow {
+    let sink = Sink::start().await;
+    let started = Instant::now();
+    let server = servers::start_grouprelay(placement, data, &sink.url(), &[]);
+    let done = sink.wait_for(calls, Duration::from_secs(600)).await;
+    let elapsed = started.elapsed();
+    let peak = server.rss().1;
+    server.stop();
+    assert!(done, "drain did not finish in 600 s");
+    DrainRow {
+        calls,
+        seconds: elapsed.as_secs_f64(),
+        calls_per_sec: calls as f64 / elapsed.as_secs_f64(),
+        peak_rss_mb: mb(peak),
+    }
+}
+
+/// Polls `/health` until it answers 200 (start-up time is what is measured here).
+async fn health(target: &Target) {
+    let Target::Tcp(addr) = target else { unreachable!() };
+    loop {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+            let mut buf = Vec::new();
+            let _ = stream.read_to_end(&mut buf).await;
+            if buf.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn disk_usage(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(path).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() { disk_usage(&entry.path()) } else { meta.blocks() * 512 };
+    }
+    total
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1_000_000.0
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} cores, {cpu}; load average before the run: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
+fn pin_self_to_cpu(cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn print_report(report: &Report) {
+    println!("machine: {}", report.machine);
+    println!("placement: {}", report.placement);
+    if !report.ingest.is_empty() {
+        println!();
+        println!(
+            "| server | transport | shape | conns | req/s | calls/s | p50 ms | p99 ms | p99.9 ms | x baseline | errors | RSS MB |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for r in &report.ingest {
+            println!(
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} |",
+                r.server, r.transport, r.shape, r.conns, r.requests_per_sec, r.calls_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.ratio, r.errors, r.rss_mb
+            );
+        }
+    }
+    if let Some(b) = &report.backlog {
+        println!();
+        println!(
+            "backlog: {} calls ({:.1} MB of calls) take {:.1} MB on disk ({:.2}x); start to /health 200: {:.0} ms; RSS {:.1} MB at healthy, {:.1} MB after 3 s (peak {:.1} MB)",
+            b.calls, mb(b.call_bytes), mb(b.disk_bytes), b.disk_ratio, b.start_to_healthy_ms, b.rss_mb_at_healthy, b.rss_mb_after_3s, b.peak_rss_mb
+        );
+    }
+    if let Some(d) = &report.drain {
+        println!(
+            "drain: {} calls delivered to a local sink in {:.1} s: {:.0} calls/s (peak RSS {:.1} MB)",
+            d.calls, d.seconds, d.calls_per_sec, d.peak_rss_mb
+        );
+    }
+    if let Some(idle) = report.idle_rss_mb {
+        println!("idle RSS: {idle:.1} MB");
+    }
+}
