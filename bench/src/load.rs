@@ -1,12 +1,12 @@
 //! The load generator: N keep-alive HTTP/1.1 connections POSTing Group calls for a fixed time.
 
-use std::path::PathBuf;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
@@ -88,7 +88,13 @@ fn body(shape: Shape, conn: usize, seq: &mut u64) -> Vec<u8> {
 
 /// Runs `conns` connections against `target` for `warmup + duration`; only the `duration`
 /// part is measured.
-pub async fn run(target: Target, shape: Shape, conns: usize, warmup: Duration, duration: Duration) -> LoadResult {
+pub async fn run(
+    target: Target,
+    shape: Shape,
+    conns: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> LoadResult {
     let start = Instant::now() + warmup;
     let end = start + duration;
     let tasks: Vec<_> = (0..conns)
@@ -111,7 +117,13 @@ pub async fn run(target: Target, shape: Shape, conns: usize, warmup: Duration, d
     total
 }
 
-async fn connection(target: Target, shape: Shape, conn: usize, start: Instant, end: Instant) -> LoadResult {
+async fn connection(
+    target: Target,
+    shape: Shape,
+    conn: usize,
+    start: Instant,
+    end: Instant,
+) -> LoadResult {
     let mut result = LoadResult {
         requests: 0,
         calls: 0,
@@ -173,7 +185,9 @@ async fn connect(target: &Target) -> Sender {
             handshake(stream).await
         }
         Target::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path).await.expect("connect");
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .expect("connect");
             handshake(stream).await
         }
     }

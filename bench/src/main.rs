@@ -20,12 +20,19 @@ use serde::Serialize;
 use servers::{Placement, Sink};
 
 #[derive(Parser)]
-#[command(name = "grouprelay-bench", about = "Measures grouprelay against a do-nothing baseline")]
+#[command(
+    name = "grouprelay-bench",
+    about = "Measures grouprelay against a do-nothing baseline"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Internal>,
     /// Scenarios to run, comma-separated: ingest, backlog, drain, idle
-    #[arg(long, value_delimiter = ',', default_value = "ingest,backlog,drain,idle")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ingest,backlog,drain,idle"
+    )]
     scenarios: Vec<String>,
     /// Connection counts for ingest
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
@@ -112,7 +119,10 @@ struct DrainRow {
 fn main() {
     let cli = Cli::parse();
     if let Some(Internal::Baseline { unix }) = cli.command {
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         runtime.block_on(servers::serve_baseline(unix));
         return;
     }
@@ -163,7 +173,8 @@ async fn run(cli: &Cli, placement: Placement) -> Report {
     }
     if wants("idle") {
         let sink = Sink::start().await;
-        let server = servers::start_grouprelay(placement, &dir.path().join("idle"), &sink.url(), &[]);
+        let server =
+            servers::start_grouprelay(placement, &dir.path().join("idle"), &sink.url(), &[]);
         tokio::time::sleep(Duration::from_secs(2)).await;
         report.idle_rss_mb = Some(mb(server.rss().0));
         server.stop();
@@ -193,19 +204,45 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                 let target = target_of(transport, &baseline);
                 let base = load::run(target, *shape, conns, warmup, duration).await;
                 let base_rps = base.requests_per_sec();
-                rows.push(row("baseline", transport, *shape, conns, &base, base_rps, baseline.rss().0));
+                rows.push(row(
+                    "baseline",
+                    transport,
+                    *shape,
+                    conns,
+                    &base,
+                    base_rps,
+                    baseline.rss().0,
+                ));
                 baseline.stop();
                 for mode in &cli.modes {
-                    let data = dir.join(format!("ingest-{mode}-{transport}-{}-{conns}", shape.name()));
+                    let data = dir.join(format!(
+                        "ingest-{mode}-{transport}-{}-{conns}",
+                        shape.name()
+                    ));
                     let server = servers::start_grouprelay(
                         placement,
                         &data,
                         &sink.url(),
                         &["--durability", mode, "--max-queue-bytes", "20000000000"],
                     );
-                    let result = load::run(target_of(transport, &server), *shape, conns, warmup, duration).await;
+                    let result = load::run(
+                        target_of(transport, &server),
+                        *shape,
+                        conns,
+                        warmup,
+                        duration,
+                    )
+                    .await;
                     let rss = server.rss().0;
-                    rows.push(row(&format!("grouprelay {mode}"), transport, *shape, conns, &result, base_rps, rss));
+                    rows.push(row(
+                        &format!("grouprelay {mode}"),
+                        transport,
+                        *shape,
+                        conns,
+                        &result,
+                        base_rps,
+                        rss,
+                    ));
                     server.stop();
                     let _ = std::fs::remove_dir_all(&data);
                 }
@@ -272,16 +309,32 @@ async fn prefill(data: &std::path::Path, n: u64) -> u64 {
     }
     queue.close().await.unwrap();
     drop(queue);
-    eprintln!("prefilled {n} calls in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "prefilled {n} calls in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     bytes
 }
 
-async fn backlog(placement: Placement, data: &std::path::Path, calls: u64, call_bytes: u64) -> BacklogRow {
+async fn backlog(
+    placement: Placement,
+    data: &std::path::Path,
+    calls: u64,
+    call_bytes: u64,
+) -> BacklogRow {
     let disk_bytes = disk_usage(data);
     // Upstream down (nothing listens there): the backlog stays put while we measure.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let started = Instant::now();
-    let server = servers::start_grouprelay(placement, data, &format!("http://{closed}"), &["--drain-timeout-ms", "0"]);
+    let server = servers::start_grouprelay(
+        placement,
+        data,
+        &format!("http://{closed}"),
+        &["--drain-timeout-ms", "0"],
+    );
     let target = Target::Tcp(server.tcp);
     health(&target).await;
     let healthy = started.elapsed();
@@ -320,11 +373,15 @@ async fn drain(placement: Placement, data: &std::path::Path, calls: u64) -> Drai
 
 /// Polls `/health` until it answers 200 (start-up time is what is measured here).
 async fn health(target: &Target) {
-    let Target::Tcp(addr) = target else { unreachable!() };
+    let Target::Tcp(addr) = target else {
+        unreachable!()
+    };
     loop {
         if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let _ = stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+            let _ = stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
             let mut buf = Vec::new();
             let _ = stream.read_to_end(&mut buf).await;
             if buf.starts_with(b"HTTP/1.1 200") {
@@ -340,7 +397,11 @@ fn disk_usage(path: &std::path::Path) -> u64 {
     let mut total = 0;
     for entry in std::fs::read_dir(path).unwrap().flatten() {
         let meta = entry.metadata().unwrap();
-        total += if meta.is_dir() { disk_usage(&entry.path()) } else { meta.blocks() * 512 };
+        total += if meta.is_dir() {
+            disk_usage(&entry.path())
+        } else {
+            meta.blocks() * 512
+        };
     }
     total
 }
@@ -359,8 +420,16 @@ fn machine() -> String {
         .trim()
         .to_owned();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    format!("{cores} cores, {cpu}; load average before the run: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!(
+        "{cores} cores, {cpu}; load average before the run: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }
 
 fn pin_self_to_cpu(cpu: usize) {

@@ -47,7 +47,8 @@ impl Server {
 
     /// Resident memory in bytes, and its peak, from /proc.
     pub fn rss(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -85,15 +86,28 @@ pub fn start_baseline(placement: Placement, dir: &Path) -> Server {
         .spawn()
         .expect("start baseline");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let tcp = line.trim().parse().expect("baseline address");
     Server { child, tcp, unix }
 }
 
 /// Starts the real grouprelay binary (next to this one in `target/release`).
-pub fn start_grouprelay(placement: Placement, data_dir: &Path, upstream: &str, args: &[&str]) -> Server {
-    let exe = std::env::current_exe().unwrap().with_file_name("grouprelay");
-    assert!(exe.exists(), "{} is missing: run `cargo build --release` first (bench/run does)", exe.display());
+pub fn start_grouprelay(
+    placement: Placement,
+    data_dir: &Path,
+    upstream: &str,
+    args: &[&str],
+) -> Server {
+    let exe = std::env::current_exe()
+        .unwrap()
+        .with_file_name("grouprelay");
+    assert!(
+        exe.exists(),
+        "{} is missing: run `cargo build --release` first (bench/run does)",
+        exe.display()
+    );
     let unix = data_dir.with_extension("sock");
     let mut child = placement
         .command(&exe)
@@ -121,7 +135,11 @@ pub fn start_grouprelay(placement: Placement, data_dir: &Path, upstream: &str, a
     }
     // Keep draining stderr so the daemon never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Server { child, tcp: tcp.expect("grouprelay did not start"), unix }
+    Server {
+        child,
+        tcp: tcp.expect("grouprelay did not start"),
+        unix,
+    }
 }
 
 /// The baseline server: reads each body and answers `200 {"success":true}`, persisting nothing.
@@ -133,22 +151,31 @@ pub async fn serve_baseline(unix: PathBuf) {
     let service = || {
         service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
             let _ = req.into_body().collect().await;
-            let mut response = hyper::Response::new(Full::new(Bytes::from_static(br#"{"success":true}"#)));
-            response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            let mut response =
+                hyper::Response::new(Full::new(Bytes::from_static(br#"{"success":true}"#)));
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
             Ok::<_, std::convert::Infallible>(response)
         })
     };
     let unix_loop = async {
         loop {
             let (stream, _) = uds.accept().await.unwrap();
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service()));
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service()),
+            );
         }
     };
     let tcp_loop = async {
         loop {
             let (stream, _) = tcp.accept().await.unwrap();
             stream.set_nodelay(true).unwrap();
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service()));
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service()),
+            );
         }
     };
     tokio::join!(unix_loop, tcp_loop);
@@ -170,16 +197,28 @@ impl Sink {
         let (count, notify) = (calls.clone(), changed.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let (count, notify) = (count.clone(), notify.clone());
                 let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (count, notify) = (count.clone(), notify.clone());
                     async move {
-                        let gzip = req.headers().get("content-encoding").is_some_and(|v| v == "gzip");
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let gzip = req
+                            .headers()
+                            .get("content-encoding")
+                            .is_some_and(|v| v == "gzip");
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         let text = if gzip {
                             let mut out = Vec::new();
-                            flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+                            flate2::read::GzDecoder::new(&body[..])
+                                .read_to_end(&mut out)
+                                .unwrap();
                             out
                         } else {
                             body.to_vec()
@@ -187,15 +226,22 @@ impl Sink {
                         let n = count_calls(&text);
                         count.fetch_add(n, Ordering::SeqCst);
                         notify.notify_waiters();
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                            br#"{"success":true}"#,
-                        ))))
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(br#"{"success":true}"#),
+                        )))
                     }
                 });
-                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
             }
         });
-        Sink { addr, calls, changed }
+        Sink {
+            addr,
+            calls,
+            changed,
+        }
     }
 
     pub fn url(&self) -> String {

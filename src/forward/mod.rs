@@ -21,7 +21,7 @@
 
 pub mod upstream;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,6 +40,10 @@ pub const MAX_BATCH_BYTES: usize = 500 * 1000;
 const READ_CHUNK: usize = 1024;
 /// Reads per pass of the loop, so that a large backlog does not stall sending.
 const READS_PER_PASS: usize = 16;
+/// The soonest the loop wakes by timer.
+const MIN_WAKE: Duration = Duration::from_millis(1);
+/// The shortest wait before a retry, whatever upstream asked.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// How forwarding behaves; see the README for each setting.
 #[derive(Debug, Clone)]
@@ -58,6 +62,9 @@ struct Lane {
     buffered: VecDeque<QueuedCall>,
     /// Calls in the batch in flight (at most one batch per lane, for order).
     in_flight: usize,
+    /// When the oldest buffered call was read (monotonic, so a clock step cannot hold a
+    /// partial batch back).
+    pending_since: Option<Instant>,
     /// The first of this key's calls that the read cursor passed without buffering, because
     /// the lane was full; read again from here once there is room.
     skipped_from: Option<u64>,
@@ -88,6 +95,8 @@ pub struct Forwarder {
     /// The lane that started the last batch: the next search starts after it (fairness).
     last_started: Option<String>,
     in_flight: JoinSet<Sent>,
+    /// Which lane and first queue id each send task carries, to recover if one fails.
+    sending: HashMap<tokio::task::Id, (String, u64)>,
     lane_capacity: usize,
 }
 
@@ -102,6 +111,7 @@ impl Forwarder {
             cursor: 0,
             last_started: None,
             in_flight: JoinSet::new(),
+            sending: HashMap::new(),
         }
     }
 
@@ -129,9 +139,12 @@ impl Forwarder {
             };
             let wake_at = wake.map(tokio::time::Instant::from_std);
             tokio::select! {
-                Some(done) = self.in_flight.join_next() => match done {
-                    Ok(sent) => self.finish(sent),
-                    Err(e) => tracing::error!(error = %e, "send task failed"),
+                Some(done) = self.in_flight.join_next_with_id() => match done {
+                    Ok((id, sent)) => {
+                        self.sending.remove(&id);
+                        self.finish(sent);
+                    }
+                    Err(e) => self.lost(e),
                 },
                 _ = &mut appended => {}
                 _ = sleep_until(wake_at) => {}
@@ -178,7 +191,7 @@ impl Forwarder {
                     .entry(call.record.write_key.clone())
                     .or_insert_with(|| Lane::new(&self.settings));
                 if lane.skipped_from.is_none() && lane.buffered.len() + lane.in_flight < capacity {
-                    lane.buffered.push_back(call);
+                    lane.push(call);
                 } else if lane.skipped_from.is_none() {
                     lane.skipped_from = Some(call.id);
                 }
@@ -216,7 +229,7 @@ impl Forwarder {
                         lane.skipped_from = Some(call.id);
                         break;
                     }
-                    lane.buffered.push_back(call);
+                    lane.push(call);
                 }
                 // Not at the cursor yet: carry on from after the last call looked at.
                 if lane.skipped_from.is_none() {
@@ -274,18 +287,22 @@ impl Forwarder {
                 continue;
             }
             let full = count < lane.buffered.len() || count == limit || lane.skipped_from.is_some();
-            let oldest_ms = lane.buffered[0].record.received_ms;
-            let waited = clock::unix_ms(SystemTime::now()).saturating_sub(oldest_ms);
-            let due = waited >= self.settings.flush_interval.as_millis() as u64;
+            let due = lane
+                .pending_since
+                .is_none_or(|since| now.duration_since(since) >= self.settings.flush_interval);
             if !(full || due || draining || lane.attempts > 0) {
                 continue;
             }
             let calls: Vec<QueuedCall> = lane.buffered.drain(..count).collect();
+            if lane.buffered.is_empty() {
+                lane.pending_since = None;
+            }
             lane.in_flight = count;
             lane.retry_at = None;
             let upstream = self.upstream.clone();
             let write_key = key.clone();
-            self.in_flight.spawn(async move {
+            let first_id = calls[0].id;
+            let task = self.in_flight.spawn(async move {
                 let bodies: Vec<&[u8]> = calls.iter().map(|c| c.record.call.as_slice()).collect();
                 let outcome = upstream.send(&write_key, &bodies).await;
                 Sent {
@@ -294,7 +311,23 @@ impl Forwarder {
                     outcome,
                 }
             });
+            self.sending.insert(task.id(), (key.clone(), first_id));
             self.last_started = Some(key);
+        }
+    }
+
+    /// A send task died (a panic): its calls are still queued on disk, so the lane forgets
+    /// what it held and reads again from the lost batch.
+    fn lost(&mut self, error: tokio::task::JoinError) {
+        tracing::error!(error = %error, "send task failed; re-reading its calls from the queue");
+        let Some((key, first_id)) = self.sending.remove(&error.id()) else {
+            return;
+        };
+        if let Some(lane) = self.lanes.get_mut(&key) {
+            lane.in_flight = 0;
+            lane.buffered.clear();
+            lane.pending_since = None;
+            lane.skipped_from = Some(first_id);
         }
     }
 
@@ -303,8 +336,8 @@ impl Forwarder {
         let Some(lane) = self.lanes.get_mut(key) else {
             return;
         };
-        let oldest_allowed = clock::unix_ms(SystemTime::now())
-            .saturating_sub(self.settings.max_age.as_millis() as u64);
+        let max_age_ms = u64::try_from(self.settings.max_age.as_millis()).unwrap_or(u64::MAX);
+        let oldest_allowed = clock::unix_ms(SystemTime::now()).saturating_sub(max_age_ms);
         let expired = lane
             .buffered
             .iter()
@@ -314,6 +347,9 @@ impl Forwarder {
             return;
         }
         let calls: Vec<QueuedCall> = lane.buffered.drain(..expired).collect();
+        if lane.buffered.is_empty() {
+            lane.pending_since = None;
+        }
         let reason = DeadReason {
             reason: "expired",
             status: None,
@@ -329,9 +365,7 @@ impl Forwarder {
             Err(e) => {
                 tracing::error!(error = %e, "cannot dead-letter expired calls; they stay queued");
                 lane.retry_at = Some(Instant::now() + self.settings.retry_max_interval);
-                for call in calls.into_iter().rev() {
-                    lane.buffered.push_front(call);
-                }
+                lane.put_back(calls);
             }
         }
     }
@@ -363,17 +397,23 @@ impl Forwarder {
                 );
                 lane.attempts = 0;
                 lane.backoff.reset();
-                if lane.probe.is_some_and(|(_, until)| last_id >= until) {
-                    lane.probe = None;
-                }
+                lane.probe = match lane.probe {
+                    Some((_, until)) if last_id >= until => None,
+                    // Past a refused half: widen again, so the rest does not go one by one.
+                    Some((size, until)) => Some((size * 2, until)),
+                    None => None,
+                };
             }
             Outcome::Retry { cause, after } => {
                 lane.attempts += 1;
                 let cap = settings.retry_max_interval;
+                // The backoff advances either way, so a run of failures keeps slowing down.
+                let backoff = lane.backoff.next_backoff().unwrap_or(cap);
                 let delay = match after {
-                    Some(asked) => asked.min(cap),
-                    None => lane.backoff.next_backoff().unwrap_or(cap).min(cap),
-                };
+                    Some(asked) => asked.max(MIN_RETRY_DELAY),
+                    None => backoff,
+                }
+                .min(cap);
                 tracing::warn!(
                     %cause,
                     delay_ms = delay.as_millis() as u64,
@@ -382,9 +422,7 @@ impl Forwarder {
                     "upstream batch failed; retrying"
                 );
                 lane.retry_at = Some(Instant::now() + delay);
-                for call in calls.into_iter().rev() {
-                    lane.buffered.push_front(call);
-                }
+                lane.put_back(calls);
             }
             Outcome::Refused { status, .. } if calls.len() > 1 => {
                 let half = calls.len().div_ceil(2);
@@ -396,9 +434,7 @@ impl Forwarder {
                 );
                 lane.probe = Some((half, until));
                 lane.attempts += 1;
-                for call in calls.into_iter().rev() {
-                    lane.buffered.push_front(call);
-                }
+                lane.put_back(calls);
             }
             Outcome::Refused { status, response } => {
                 let reason = DeadReason {
@@ -415,9 +451,7 @@ impl Forwarder {
                     Err(e) => {
                         tracing::error!(error = %e, "cannot dead-letter a refused call; it stays queued");
                         lane.retry_at = Some(Instant::now() + settings.retry_max_interval);
-                        for call in calls.into_iter().rev() {
-                            lane.buffered.push_front(call);
-                        }
+                        lane.put_back(calls);
                         return;
                     }
                 }
@@ -432,21 +466,23 @@ impl Forwarder {
     /// When the loop must look again without an event: a lane's retry time, or the moment
     /// a partial batch has waited `flush_interval`.
     fn next_wake(&self, draining: bool) -> Option<Instant> {
+        // With every slot busy, only a finishing send can let another start.
+        if self.in_flight.len() >= self.settings.concurrency {
+            return None;
+        }
         let now = Instant::now();
-        let now_ms = clock::unix_ms(SystemTime::now());
-        let flush_ms = self.settings.flush_interval.as_millis() as u64;
         self.lanes
             .values()
             .filter(|lane| lane.in_flight == 0 && !lane.buffered.is_empty())
-            .map(|lane| match lane.retry_at {
-                Some(at) => at,
-                None if draining => now,
-                None => {
-                    let due_ms = lane.buffered[0].record.received_ms + flush_ms;
-                    now + Duration::from_millis(due_ms.saturating_sub(now_ms))
-                }
+            .map(|lane| match (lane.retry_at, lane.pending_since) {
+                (Some(at), _) => at,
+                (None, _) if draining => now,
+                (None, Some(since)) => since + self.settings.flush_interval,
+                (None, None) => now,
             })
             .min()
+            // Never a time already past: a lane that could not start must not spin the loop.
+            .map(|at| at.max(now + MIN_WAKE))
     }
 
     /// Nothing buffered, skipped or in flight, and nothing new to read.
@@ -461,10 +497,28 @@ impl Forwarder {
 }
 
 impl Lane {
+    fn push(&mut self, call: QueuedCall) {
+        if self.buffered.is_empty() {
+            self.pending_since = Some(Instant::now());
+        }
+        self.buffered.push_back(call);
+    }
+
+    /// Puts an unsent batch back at the head, in order.
+    fn put_back(&mut self, calls: Vec<QueuedCall>) {
+        if !calls.is_empty() && self.pending_since.is_none() {
+            self.pending_since = Some(Instant::now());
+        }
+        for call in calls.into_iter().rev() {
+            self.buffered.push_front(call);
+        }
+    }
+
     fn new(settings: &ForwardSettings) -> Lane {
         Lane {
             buffered: VecDeque::new(),
             in_flight: 0,
+            pending_since: None,
             skipped_from: None,
             retry_at: None,
             backoff: ExponentialBackoff {

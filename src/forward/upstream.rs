@@ -118,7 +118,7 @@ impl Upstream {
                 cause
             })?;
             let status = response.status();
-            let after = wait_hint(response.headers(), SystemTime::now());
+            let after = wait_hint(status, response.headers(), SystemTime::now());
             let body = response
                 .into_body()
                 .collect()
@@ -183,9 +183,9 @@ fn classify(status: StatusCode, after: Option<Duration>, body: &[u8]) -> Outcome
     }
 }
 
-/// How long upstream asked us to wait: `Retry-After` (seconds or an HTTP date), else
-/// `X-RateLimit-Reset` (seconds to wait, or a Unix time in seconds).
-fn wait_hint(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
+/// How long upstream asked us to wait: `Retry-After` (seconds or an HTTP date), else, on a
+/// 429, `X-RateLimit-Reset` (seconds to wait, or a Unix time in seconds).
+fn wait_hint(status: StatusCode, headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
     let text = |name| {
         headers
             .get(name)
@@ -199,6 +199,9 @@ fn wait_hint(headers: &hyper::HeaderMap, now: SystemTime) -> Option<Duration> {
         if let Ok(at) = httpdate::parse_http_date(value) {
             return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
         }
+    }
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return None;
     }
     let reset = text("x-ratelimit-reset")?.parse::<u64>().ok()?;
     // Large values are an epoch time rather than a delay.
@@ -242,14 +245,20 @@ mod tests {
         let now = SystemTime::now();
         let mut headers = hyper::HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(wait_hint(&headers, now), Some(Duration::from_secs(7)));
+        let hint = |h: &hyper::HeaderMap| wait_hint(StatusCode::TOO_MANY_REQUESTS, h, now);
+        assert_eq!(hint(&headers), Some(Duration::from_secs(7)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
         headers.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
-        let hint = wait_hint(&headers, now).unwrap();
-        assert!(hint <= Duration::from_secs(30) && hint >= Duration::from_secs(28));
+        let dated = hint(&headers).unwrap();
+        assert!(dated <= Duration::from_secs(30) && dated >= Duration::from_secs(28));
         headers.clear();
         headers.insert("x-ratelimit-reset", HeaderValue::from_static("3"));
-        assert_eq!(wait_hint(&headers, now), Some(Duration::from_secs(3)));
+        assert_eq!(hint(&headers), Some(Duration::from_secs(3)));
+        // A rate-limit reset means nothing on other statuses.
+        assert_eq!(
+            wait_hint(StatusCode::SERVICE_UNAVAILABLE, &headers, now),
+            None
+        );
     }
 
     #[test]

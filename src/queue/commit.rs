@@ -15,10 +15,14 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-/// The outcome of the latest finished flush.
+/// What the flushes so far achieved.
 #[derive(Debug, Clone)]
 struct Flushed {
+    /// The latest finished flush.
     generation: u64,
+    /// The latest flush that succeeded: everything inserted before it started is durable.
+    last_ok: u64,
+    /// Why the latest flush failed, if it did.
     error: Option<Arc<str>>,
 }
 
@@ -31,19 +35,27 @@ pub(crate) struct GroupCommit {
     dirty: AtomicBool,
     stopping: AtomicBool,
     flushed: watch::Receiver<Flushed>,
+    /// Every queue id below this is durable (readers hand out only those).
+    durable_end: AtomicU64,
+    /// Woken when `durable_end` moves: there are new calls to read.
+    pub(crate) advanced: Notify,
 }
 
 impl GroupCommit {
     /// Starts the committer. Besides flushing for waiting writers, it flushes every `period`
     /// when something was marked dirty: the `interval` durability mode relies on this alone,
     /// and removals of delivered calls use it so that a restart does not resend them.
+    ///
+    /// `readable_end` tells, before each flush, which queue ids that flush will cover.
     pub(crate) fn start(
         db: sled::Db,
         data_file: File,
         period: Duration,
+        readable_end: Box<dyn Fn() -> u64 + Send + Sync>,
     ) -> (Arc<GroupCommit>, JoinHandle<()>) {
         let (tx, rx) = watch::channel(Flushed {
             generation: 0,
+            last_ok: 0,
             error: None,
         });
         let shared = Arc::new(GroupCommit {
@@ -52,12 +64,16 @@ impl GroupCommit {
             dirty: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             flushed: rx,
+            // Everything found on disk at open is durable.
+            durable_end: AtomicU64::new(readable_end()),
+            advanced: Notify::new(),
         });
         let task = tokio::spawn(committer(
             shared.clone(),
             db,
             Arc::new(data_file),
             period,
+            readable_end,
             tx,
         ));
         (shared, task)
@@ -72,10 +88,18 @@ impl GroupCommit {
             .wait_for(|f| f.generation >= target)
             .await
             .map_err(|_| Arc::<str>::from("the committer has stopped"))?;
+        // Any successful flush that started after the insert covers it, even if a later
+        // one failed.
         match &done.error {
-            None => Ok(()),
+            _ if done.last_ok >= target => Ok(()),
             Some(error) => Err(error.clone()),
+            None => Err(Arc::from("no flush covered the insert")),
         }
+    }
+
+    /// Queue ids below this are durable.
+    pub(crate) fn durable_end(&self) -> u64 {
+        self.durable_end.load(Ordering::SeqCst)
     }
 
     /// Notes a change that the periodic flush must cover.
@@ -100,6 +124,7 @@ async fn committer(
     db: sled::Db,
     data_file: Arc<File>,
     period: Duration,
+    readable_end: Box<dyn Fn() -> u64 + Send + Sync>,
     flushed: watch::Sender<Flushed>,
 ) {
     let mut ticker = tokio::time::interval(period);
@@ -116,6 +141,8 @@ async fn committer(
         let stopping = shared.stopping.load(Ordering::SeqCst);
         shared.dirty.store(false, Ordering::SeqCst);
         let generation = shared.next_generation.fetch_add(1, Ordering::SeqCst);
+        // Ids below this were inserted before the flush starts, so it covers them.
+        let covered = readable_end();
         let (db, file) = (db.clone(), data_file.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
             db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
@@ -128,7 +155,16 @@ async fn committer(
             tracing::error!(error = %e, "queue flush failed");
             Arc::<str>::from(e)
         });
-        flushed.send_replace(Flushed { generation, error });
+        if error.is_none() && shared.durable_end.fetch_max(covered, Ordering::SeqCst) < covered {
+            shared.advanced.notify_waiters();
+        }
+        flushed.send_modify(|f| {
+            f.generation = generation;
+            if error.is_none() {
+                f.last_ok = generation;
+            }
+            f.error = error;
+        });
         if stopping {
             break;
         }

@@ -25,12 +25,11 @@ pub mod record;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::value::RawValue;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::spec::RejectedCall;
@@ -54,6 +53,8 @@ pub const DB_DIR: &str = "queue";
 const CALLS_TREE: &str = "calls";
 const REJECTED_TREE: &str = "rejected";
 const DEAD_TREE: &str = "dead";
+/// Records that could not be read: `reason \n original bytes`, under their queue key.
+const QUARANTINE_TREE: &str = "quarantine";
 const META_TREE: &str = "meta";
 const FORMAT_KEY: &str = "format";
 /// Stored size of a key, counted with each record against the byte limit.
@@ -146,6 +147,13 @@ struct Sequencer {
     inserting: BTreeSet<u64>,
 }
 
+impl Sequencer {
+    /// One past the last id a reader may see: every id below it is fully inserted.
+    fn readable_end(&self) -> u64 {
+        self.inserting.first().copied().unwrap_or(self.next)
+    }
+}
+
 /// A handle on the queue; clones share it.
 #[derive(Clone)]
 pub struct Queue {
@@ -160,9 +168,9 @@ struct Inner {
     durability: Durability,
     max_bytes: u64,
     stored_bytes: AtomicU64,
-    sequencer: Mutex<Sequencer>,
-    /// Woken when new calls become readable.
-    appended: Notify,
+    sequencer: Arc<Mutex<Sequencer>>,
+    /// Set by `close`: appends after it are refused.
+    closed: AtomicBool,
     commit: Arc<GroupCommit>,
     committer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -203,7 +211,17 @@ impl Queue {
         let data_file = File::open(path.join("db")).map_err(|e| {
             QueueError::Storage(format!("cannot open {}: {e}", path.join("db").display()))
         })?;
-        let (commit, committer) = GroupCommit::start(db.clone(), data_file, options.sync_interval);
+        let sequencer = Arc::new(Mutex::new(Sequencer {
+            next,
+            inserting: BTreeSet::new(),
+        }));
+        let readable = sequencer.clone();
+        let (commit, committer) = GroupCommit::start(
+            db.clone(),
+            data_file,
+            options.sync_interval,
+            Box::new(move || readable.lock().expect("sequencer lock").readable_end()),
+        );
         Ok(Queue {
             inner: Arc::new(Inner {
                 db,
@@ -213,11 +231,8 @@ impl Queue {
                 durability: options.durability,
                 max_bytes: options.max_bytes,
                 stored_bytes: AtomicU64::new(stored),
-                sequencer: Mutex::new(Sequencer {
-                    next,
-                    inserting: BTreeSet::new(),
-                }),
-                appended: Notify::new(),
+                sequencer,
+                closed: AtomicBool::new(false),
                 commit,
                 committer: Mutex::new(Some(committer)),
             }),
@@ -234,6 +249,9 @@ impl Queue {
         rejected: &[RejectedCall],
     ) -> Result<(), QueueError> {
         let inner = &self.inner;
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(QueueError::Storage("the queue is closed".into()));
+        }
         let records: Vec<Vec<u8>> = calls
             .iter()
             .map(|call| record::encode_call(write_key, received_ms, call))
@@ -249,6 +267,7 @@ impl Queue {
             .sum();
         self.reserve(size)?;
 
+        let mut inserted_ids = 0..0;
         let inserted = (|| -> Result<(), QueueError> {
             if !rejected_records.is_empty() {
                 let mut batch = sled::Batch::default();
@@ -273,6 +292,7 @@ impl Queue {
                 };
                 inner.end_insert(first);
                 result?;
+                inserted_ids = first..first + calls.len() as u64;
             }
             Ok(())
         })();
@@ -281,11 +301,22 @@ impl Queue {
             tracing::error!(error = %e, "queue insert failed");
             return Err(e);
         }
-        inner.appended.notify_waiters();
         match inner.durability {
-            Durability::Fsync => inner.commit.durable().await.map_err(|e| {
-                QueueError::Storage(format!("calls inserted but not made durable: {e}"))
-            }),
+            Durability::Fsync => {
+                let Err(e) = inner.commit.durable().await else {
+                    return Ok(());
+                };
+                // The client will send these again: take them back out, so that a later
+                // flush cannot make them durable and have them delivered twice.
+                let mut batch = sled::Batch::default();
+                for id in inserted_ids {
+                    batch.remove(&id.to_be_bytes());
+                }
+                if inner.calls.apply_batch(batch).is_ok() {
+                    inner.stored_bytes.fetch_sub(size, Ordering::SeqCst);
+                }
+                Err(QueueError::Storage(format!("calls not made durable: {e}")))
+            }
             Durability::Interval => {
                 inner.commit.mark_dirty();
                 Ok(())
@@ -305,9 +336,14 @@ impl Queue {
             .map_err(|stored| QueueError::Full { stored, limit })
     }
 
-    /// Up to `limit` readable calls with ids of `from` or more, in queue order.
+    /// Up to `limit` durable calls with ids of `from` or more, in queue order. A call is
+    /// handed out only once a flush covers it, so nothing is delivered that a crash could
+    /// still take back (and that its client would then send again).
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
-        let end = self.inner.readable_end();
+        let end = self
+            .inner
+            .readable_end()
+            .min(self.inner.commit.durable_end());
         let mut out = Vec::new();
         if from >= end {
             return Ok(out);
@@ -320,17 +356,44 @@ impl Queue {
         {
             let (key, value) = item?;
             let id = decode_key(&key)?;
-            let record = record::decode_call(&value).map_err(|e| match e {
-                DecodeError::NewerFormat(v) => QueueError::NewerFormat(v),
-                damaged => QueueError::Storage(format!("call {id}: {damaged}")),
-            })?;
-            out.push(QueuedCall {
-                id,
-                record,
-                stored_bytes: value.len() as u64 + KEY_LEN,
-            });
+            match record::decode_call(&value) {
+                Ok(record) => out.push(QueuedCall {
+                    id,
+                    record,
+                    stored_bytes: value.len() as u64 + KEY_LEN,
+                }),
+                // One bad record must not stop delivery of the rest.
+                Err(e) => self.quarantine(id, &value, &e.to_string())?,
+            }
         }
         Ok(out)
+    }
+
+    /// Moves a record that cannot be read out of the queue, atomically, into the
+    /// `quarantine` tree (same key, its bytes and the reason), for an operator to inspect.
+    fn quarantine(&self, id: u64, value: &[u8], reason: &str) -> Result<(), QueueError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional;
+        tracing::error!(
+            queue_id = id,
+            reason,
+            "unreadable queued record moved to quarantine"
+        );
+        let quarantine = self.inner.db.open_tree(QUARANTINE_TREE)?;
+        let mut entry = Vec::with_capacity(reason.len() + 1 + value.len());
+        entry.extend_from_slice(reason.as_bytes());
+        entry.push(b'\n');
+        entry.extend_from_slice(value);
+        (&self.inner.calls, &quarantine)
+            .transaction(|(calls, quarantine)| {
+                calls.remove(&id.to_be_bytes())?;
+                quarantine.insert(&id.to_be_bytes(), entry.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => QueueError::from(e),
+                TransactionError::Abort(()) => QueueError::Storage("transaction aborted".into()),
+            })
     }
 
     /// Removes delivered calls in one atomic step and gives their bytes back to the limit.
@@ -408,10 +471,10 @@ impl Queue {
             .collect()
     }
 
-    /// Resolves when calls appended after it was created (and `enable`d or first polled)
-    /// become readable.
+    /// Resolves when more calls become readable (durable) after it was created and
+    /// `enable`d or first polled.
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
-        self.inner.appended.notified()
+        self.inner.commit.advanced.notified()
     }
 
     /// Calls in the queue.
@@ -451,6 +514,7 @@ impl Queue {
     /// this fail; reads still work.
     pub async fn close(&self) -> Result<(), QueueError> {
         let inner = &self.inner;
+        inner.closed.store(true, Ordering::SeqCst);
         let result = inner.commit.durable().await;
         inner.commit.stop();
         let committer = inner.committer.lock().expect("committer lock").take();
@@ -478,10 +542,11 @@ impl Inner {
             .remove(&first);
     }
 
-    /// One past the last id a reader may see: every id below it is fully inserted.
     fn readable_end(&self) -> u64 {
-        let seq = self.sequencer.lock().expect("sequencer lock");
-        seq.inserting.first().copied().unwrap_or(seq.next)
+        self.sequencer
+            .lock()
+            .expect("sequencer lock")
+            .readable_end()
     }
 }
 
