@@ -40,6 +40,10 @@ pub const MAX_BATCH_BYTES: usize = 500 * 1000;
 const READ_CHUNK: usize = 1024;
 /// Reads per pass of the loop, so that a large backlog does not stall sending.
 const READS_PER_PASS: usize = 16;
+/// Between reads that only skip past blocked lanes' calls.
+const SKIP_SCAN_PAUSE: Duration = Duration::from_millis(50);
+/// Before reading again after the queue failed to read.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// The soonest the loop wakes by timer.
 const MIN_WAKE: Duration = Duration::from_millis(1);
 /// The shortest wait before a retry, whatever upstream asked.
@@ -125,17 +129,20 @@ impl Forwarder {
             tokio::pin!(appended);
             appended.as_mut().enable();
             let draining = drain_deadline.is_some();
-            let more_to_read = self.read_new();
+            let read_again = self.read_new();
             self.refill_lanes();
             self.start_sends(draining);
             if draining && self.is_idle() {
                 tracing::info!("queue drained");
                 return;
             }
-            let wake = if more_to_read {
-                Some(Instant::now())
-            } else {
-                self.next_wake(draining)
+            let now = Instant::now();
+            let wake = match (
+                read_again.map(|pause| now + pause),
+                self.next_wake(draining),
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             let wake_at = wake.map(tokio::time::Instant::from_std);
             tokio::select! {
@@ -161,8 +168,12 @@ impl Forwarder {
         }
     }
 
-    /// Reads newly readable calls into their lanes. Returns whether more may be waiting.
-    fn read_new(&mut self) -> bool {
+    /// Reads newly readable calls into their lanes. Returns when to read again if more may
+    /// be waiting: at once while calls are being buffered, after a pause while the reads only
+    /// skip past blocked lanes' calls (looking for other writeKeys), so that a long outage
+    /// does not turn into reading the whole queue back to back.
+    fn read_new(&mut self) -> Option<Duration> {
+        let mut buffered_any = false;
         for _ in 0..READS_PER_PASS {
             // Stop once the lanes that can send hold enough work: reading further would only
             // skip their calls and read them again later.
@@ -173,13 +184,13 @@ impl Forwarder {
                 .map(|l| l.buffered.len() + l.in_flight)
                 .sum();
             if sendable >= self.lane_capacity {
-                return false;
+                return None;
             }
             let calls = match self.queue.read(self.cursor, READ_CHUNK) {
                 Ok(calls) => calls,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the queue");
-                    return false;
+                    return Some(ERROR_PAUSE);
                 }
             };
             let full_read = calls.len() == READ_CHUNK;
@@ -192,15 +203,20 @@ impl Forwarder {
                     .or_insert_with(|| Lane::new(&self.settings));
                 if lane.skipped_from.is_none() && lane.buffered.len() + lane.in_flight < capacity {
                     lane.push(call);
+                    buffered_any = true;
                 } else if lane.skipped_from.is_none() {
                     lane.skipped_from = Some(call.id);
                 }
             }
             if !full_read {
-                return false;
+                return None;
             }
         }
-        true
+        Some(if buffered_any {
+            Duration::ZERO
+        } else {
+            SKIP_SCAN_PAUSE
+        })
     }
 
     /// Reads skipped calls back into lanes that have room again.
@@ -260,13 +276,17 @@ impl Forwarder {
             if self.in_flight.len() >= self.settings.concurrency {
                 break;
             }
+            if self
+                .lanes
+                .get(&key)
+                .is_none_or(|lane| lane.in_flight > 0 || lane.retry_at.is_some_and(|at| at > now))
+            {
+                continue;
+            }
             self.expire(&key);
             let Some(lane) = self.lanes.get_mut(&key) else {
                 continue;
             };
-            if lane.in_flight > 0 || lane.retry_at.is_some_and(|at| at > now) {
-                continue;
-            }
             let limit = match lane.probe {
                 Some((size, _)) => size.min(self.settings.max_batch_events),
                 None => self.settings.max_batch_events,

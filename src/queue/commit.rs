@@ -46,12 +46,13 @@ impl GroupCommit {
     /// when something was marked dirty: the `interval` durability mode relies on this alone,
     /// and removals of delivered calls use it so that a restart does not resend them.
     ///
-    /// `readable_end` tells, before each flush, which queue ids that flush will cover.
+    /// `before_flush` runs just before each flush (the queue records its counters there) and
+    /// returns the end of the queue ids that the flush will cover.
     pub(crate) fn start(
         db: sled::Db,
         data_file: File,
         period: Duration,
-        readable_end: Box<dyn Fn() -> u64 + Send + Sync>,
+        before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
     ) -> (Arc<GroupCommit>, JoinHandle<()>) {
         let (tx, rx) = watch::channel(Flushed {
             generation: 0,
@@ -65,7 +66,7 @@ impl GroupCommit {
             stopping: AtomicBool::new(false),
             flushed: rx,
             // Everything found on disk at open is durable.
-            durable_end: AtomicU64::new(readable_end()),
+            durable_end: AtomicU64::new(before_flush()),
             advanced: Notify::new(),
         });
         let task = tokio::spawn(committer(
@@ -73,7 +74,7 @@ impl GroupCommit {
             db,
             Arc::new(data_file),
             period,
-            readable_end,
+            before_flush,
             tx,
         ));
         (shared, task)
@@ -124,7 +125,7 @@ async fn committer(
     db: sled::Db,
     data_file: Arc<File>,
     period: Duration,
-    readable_end: Box<dyn Fn() -> u64 + Send + Sync>,
+    before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
     flushed: watch::Sender<Flushed>,
 ) {
     let mut ticker = tokio::time::interval(period);
@@ -142,7 +143,7 @@ async fn committer(
         shared.dirty.store(false, Ordering::SeqCst);
         let generation = shared.next_generation.fetch_add(1, Ordering::SeqCst);
         // Ids below this were inserted before the flush starts, so it covers them.
-        let covered = readable_end();
+        let covered = before_flush();
         let (db, file) = (db.clone(), data_file.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
             db.flush().map_err(|e| format!("sled flush failed: {e}"))?;

@@ -57,6 +57,8 @@ const DEAD_TREE: &str = "dead";
 const QUARANTINE_TREE: &str = "quarantine";
 const META_TREE: &str = "meta";
 const FORMAT_KEY: &str = "format";
+/// The stored-bytes count as of the last flush.
+const STORED_BYTES_KEY: &str = "stored_bytes";
 /// Stored size of a key, counted with each record against the byte limit.
 const KEY_LEN: u64 = 8;
 
@@ -167,7 +169,7 @@ struct Inner {
     dead: sled::Tree,
     durability: Durability,
     max_bytes: u64,
-    stored_bytes: AtomicU64,
+    stored_bytes: Arc<AtomicU64>,
     sequencer: Arc<Mutex<Sequencer>>,
     /// Set by `close`: appends after it are refused.
     closed: AtomicBool,
@@ -201,12 +203,10 @@ impl Queue {
             Some((key, _)) => decode_key(&key)? + 1,
             None => 0,
         };
-        let mut stored = 0;
-        for tree in [&calls, &rejected, &dead] {
-            for value in tree.iter().values() {
-                stored += value?.len() as u64 + KEY_LEN;
-            }
-        }
+        let stored = Arc::new(AtomicU64::new(stored_bytes_at_open(
+            &meta,
+            [&calls, &rejected, &dead],
+        )?));
         db.flush()?;
         let data_file = File::open(path.join("db")).map_err(|e| {
             QueueError::Storage(format!("cannot open {}: {e}", path.join("db").display()))
@@ -215,12 +215,21 @@ impl Queue {
             next,
             inserting: BTreeSet::new(),
         }));
-        let readable = sequencer.clone();
+        let (readable, counted) = (sequencer.clone(), stored.clone());
+        let before_flush = move || {
+            // The byte count rides along with every flush, so a restart need not read the
+            // whole queue to know it (a crash can leave it off by the calls in flight).
+            let bytes = counted.load(Ordering::SeqCst);
+            if let Err(e) = meta.insert(STORED_BYTES_KEY, &bytes.to_be_bytes()) {
+                tracing::warn!(error = %e, "cannot record the queue's byte count");
+            }
+            readable.lock().expect("sequencer lock").readable_end()
+        };
         let (commit, committer) = GroupCommit::start(
             db.clone(),
             data_file,
             options.sync_interval,
-            Box::new(move || readable.lock().expect("sequencer lock").readable_end()),
+            Box::new(before_flush),
         );
         Ok(Queue {
             inner: Arc::new(Inner {
@@ -230,7 +239,7 @@ impl Queue {
                 dead,
                 durability: options.durability,
                 max_bytes: options.max_bytes,
-                stored_bytes: AtomicU64::new(stored),
+                stored_bytes: stored,
                 sequencer,
                 closed: AtomicBool::new(false),
                 commit,
@@ -427,10 +436,7 @@ impl Queue {
                 response: reason.response.clone(),
                 attempts: reason.attempts,
                 dead_at_ms: now_ms,
-                call: RawValue::from_string(
-                    String::from_utf8_lossy(&call.record.call).into_owned(),
-                )
-                .map_err(|e| QueueError::Storage(format!("queued call is not JSON: {e}")))?,
+                call: call_json(&call.record.call),
             };
             let value =
                 serde_json::to_vec(&record).map_err(|e| QueueError::Storage(e.to_string()))?;
@@ -550,6 +556,16 @@ impl Inner {
     }
 }
 
+/// A call as JSON for a dead letter; bytes that are not JSON (a damaged record) are kept as
+/// a JSON string rather than lost.
+fn call_json(call: &[u8]) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(call).into_owned();
+    RawValue::from_string(text.clone()).unwrap_or_else(|_| {
+        let quoted = serde_json::to_string(&text).expect("a string serializes");
+        RawValue::from_string(quoted).expect("a JSON string is JSON")
+    })
+}
+
 fn rejected_record(
     write_key: &str,
     received_ms: u64,
@@ -567,6 +583,26 @@ fn rejected_record(
         call,
     })
     .map_err(|e| QueueError::Storage(e.to_string()))
+}
+
+/// Bytes counted against the limit: the count recorded at the last flush, or, for a database
+/// without one, a full count.
+fn stored_bytes_at_open(meta: &sled::Tree, trees: [&sled::Tree; 3]) -> Result<u64, QueueError> {
+    if trees.iter().all(|t| t.is_empty()) {
+        return Ok(0);
+    }
+    if let Some(recorded) = meta.get(STORED_BYTES_KEY)? {
+        if let Ok(bytes) = <[u8; 8]>::try_from(recorded.as_ref()) {
+            return Ok(u64::from_be_bytes(bytes));
+        }
+    }
+    let mut stored = 0;
+    for tree in trees {
+        for value in tree.iter().values() {
+            stored += value?.len() as u64 + KEY_LEN;
+        }
+    }
+    Ok(stored)
 }
 
 fn db_path(data_dir: &Path) -> PathBuf {
