@@ -156,7 +156,10 @@ async fn connection(
                 let _ = response.into_body().collect().await;
                 ok
             }
-            Err(_) => {
+            Err(e) => {
+                if result.errors == 0 {
+                    eprintln!("request failed, reconnecting: {e}");
+                }
                 sender = connect(&target).await;
                 false
             }

@@ -145,9 +145,10 @@ pub fn start_grouprelay(
 /// The baseline server: reads each body and answers `200 {"success":true}`, persisting nothing.
 pub async fn serve_baseline(unix: PathBuf) {
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    println!("{}", tcp.local_addr().unwrap());
     let _ = std::fs::remove_file(&unix);
     let uds = tokio::net::UnixListener::bind(&unix).unwrap();
+    // Both listeners are bound: tell the parent where.
+    println!("{}", tcp.local_addr().unwrap());
     let service = || {
         service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
             let _ = req.into_body().collect().await;

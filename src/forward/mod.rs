@@ -40,6 +40,8 @@ pub const MAX_BATCH_BYTES: usize = 500 * 1000;
 const READ_CHUNK: usize = 1024;
 /// Reads per pass of the loop, so that a large backlog does not stall sending.
 const READS_PER_PASS: usize = 16;
+/// How far past a blocked lane's calls the reader looks for other writeKeys' calls.
+const SKIP_WINDOW: u64 = 20_000;
 /// Between reads that only skip past blocked lanes' calls.
 const SKIP_SCAN_PAUSE: Duration = Duration::from_millis(50);
 /// Before reading again after the queue failed to read.
@@ -99,6 +101,8 @@ pub struct Forwarder {
     /// The lane that started the last batch: the next search starts after it (fairness).
     last_started: Option<String>,
     in_flight: JoinSet<Sent>,
+    /// Whether the last read found only calls of lanes that could not take them.
+    only_skipping: bool,
     /// Which lane and first queue id each send task carries, to recover if one fails.
     sending: HashMap<tokio::task::Id, (String, u64)>,
     lane_capacity: usize,
@@ -116,6 +120,7 @@ impl Forwarder {
             last_started: None,
             in_flight: JoinSet::new(),
             sending: HashMap::new(),
+            only_skipping: false,
         }
     }
 
@@ -186,6 +191,19 @@ impl Forwarder {
             if sendable >= self.lane_capacity {
                 return None;
             }
+            // While reads find only blocked lanes' calls, look at most SKIP_WINDOW calls past
+            // the first one skipped: reading a whole outage's backlog just to skip it costs
+            // memory (sled holds on to what it read) and is unlikely to find other writeKeys.
+            // Reads that do find other writeKeys' calls go on past the window.
+            let window_end = self
+                .lanes
+                .values()
+                .filter_map(|l| l.skipped_from)
+                .min()
+                .map_or(u64::MAX, |from| from.saturating_add(SKIP_WINDOW));
+            if self.only_skipping && self.cursor >= window_end {
+                return None;
+            }
             let calls = match self.queue.read(self.cursor, READ_CHUNK) {
                 Ok(calls) => calls,
                 Err(e) => {
@@ -194,6 +212,7 @@ impl Forwarder {
                 }
             };
             let full_read = calls.len() == READ_CHUNK;
+            let mut buffered_here = false;
             for call in calls {
                 self.cursor = call.id + 1;
                 let capacity = self.lane_capacity;
@@ -203,11 +222,13 @@ impl Forwarder {
                     .or_insert_with(|| Lane::new(&self.settings));
                 if lane.skipped_from.is_none() && lane.buffered.len() + lane.in_flight < capacity {
                     lane.push(call);
-                    buffered_any = true;
+                    buffered_here = true;
                 } else if lane.skipped_from.is_none() {
                     lane.skipped_from = Some(call.id);
                 }
             }
+            self.only_skipping = !buffered_here;
+            buffered_any |= buffered_here;
             if !full_read {
                 return None;
             }
