@@ -65,7 +65,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let outcome = runtime.block_on(run(config));
+    // Do not wait on a blocking task stuck in the filesystem (a flush after an I/O error).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(DaemonError::Config(e)) => {
             eprintln!("grouprelay: {e}");

@@ -285,3 +285,97 @@ async fn settings_come_from_env_and_file_with_flags_first() {
     let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "the data dir is created with mode 0700");
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (e.g. "3m"). Needs root, as CI runs; elsewhere the test is
+    /// skipped with a message (in CI it fails).
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must be able to mount a tmpfs"
+            );
+            eprintln!("skipping: cannot mount a tmpfs here (not root?)");
+            return None;
+        }
+        Some(SmallDisk { path, _dir: dir })
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_keeps_serving_and_keeps_what_was_acknowledged() {
+    let Some(disk) = SmallDisk::mount("3m") else {
+        return;
+    };
+    let data = disk.path.join("data");
+    // A queue limit far above the disk: the disk fills first.
+    let daemon = Daemon::start(&data, &["--write-key", "K"]);
+    let pad = "x".repeat(20_000);
+    let mut acknowledged = Vec::new();
+    let refusal = loop {
+        let id = format!("m{}", acknowledged.len());
+        let body = format!(
+            r#"{{"userId":"u","groupId":"g","messageId":"{id}","traits":{{"pad":"{pad}"}}}}"#
+        );
+        let response = daemon.send(&post("/v1/group", None, body.as_bytes())).await;
+        if response.status != 200 {
+            break response;
+        }
+        acknowledged.push(id);
+        assert!(acknowledged.len() < 1000, "the disk never filled");
+    };
+    assert_eq!(refusal.status, 503);
+    assert_eq!(refusal.json()["code"], "storage_error");
+    // Still up: health answers and the next write gets a clean error, not a hang or a crash.
+    assert_eq!(daemon.send(&get("/health")).await.status, 200);
+    let again = daemon
+        .send(&post("/v1/group", None, br#"{"userId":"u","groupId":"g"}"#))
+        .await;
+    assert_eq!(again.status, 503);
+    daemon.terminate();
+
+    // With room again, everything that was answered 200 is there.
+    disk.resize("64m");
+    let disk_calls = on_disk(&data).await.call_json();
+    let queued: HashSet<&str> = disk_calls
+        .iter()
+        .map(|c| c["messageId"].as_str().unwrap())
+        .collect();
+    for id in &acknowledged {
+        assert!(
+            queued.contains(id.as_str()),
+            "{id} was acknowledged but is not on disk"
+        );
+    }
+}

@@ -15,6 +15,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+/// How long a writer waits for the flush that covers it before giving up with an error.
+const FLUSH_WAIT_LIMIT: Duration = Duration::from_secs(5);
+
 /// What the flushes so far achieved.
 #[derive(Debug, Clone)]
 struct Flushed {
@@ -85,10 +88,20 @@ impl GroupCommit {
         let target = self.next_generation.load(Ordering::SeqCst);
         self.wake.notify_one();
         let mut flushed = self.flushed.clone();
-        let done = flushed
-            .wait_for(|f| f.generation >= target)
-            .await
-            .map_err(|_| Arc::<str>::from("the committer has stopped"))?;
+        // After an I/O error (a full disk, say) sled's flush can wait forever: answer the
+        // writer with an error in bounded time rather than hang its request.
+        let done = tokio::time::timeout(
+            FLUSH_WAIT_LIMIT,
+            flushed.wait_for(|f| f.generation >= target),
+        )
+        .await
+        .map_err(|_| {
+            Arc::<str>::from(format!(
+                "no flush finished within {} s",
+                FLUSH_WAIT_LIMIT.as_secs()
+            ))
+        })?
+        .map_err(|_| Arc::<str>::from("the committer has stopped"))?;
         // Any successful flush that started after the insert covers it, even if a later
         // one failed.
         match &done.error {

@@ -316,12 +316,13 @@ impl Queue {
                     return Ok(());
                 };
                 // The client will send these again: take them back out, so that a later
-                // flush cannot make them durable and have them delivered twice.
-                let mut batch = sled::Batch::default();
-                for id in inserted_ids {
-                    batch.remove(&id.to_be_bytes());
-                }
-                if inner.calls.apply_batch(batch).is_ok() {
+                // flush cannot make them durable and have them delivered twice. One key at a
+                // time: with a flush stuck after an I/O error, sled's `apply_batch` would
+                // wait for that flush forever.
+                let removed = inserted_ids
+                    .map(|id| inner.calls.remove(id.to_be_bytes()))
+                    .all(|r| r.is_ok());
+                if removed {
                     inner.stored_bytes.fetch_sub(size, Ordering::SeqCst);
                 }
                 Err(QueueError::Storage(format!("calls not made durable: {e}")))
@@ -525,7 +526,15 @@ impl Queue {
         inner.commit.stop();
         let committer = inner.committer.lock().expect("committer lock").take();
         if let Some(task) = committer {
-            let _ = task.await;
+            // A flush stuck after an I/O error must not keep the process from exiting.
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                return Err(QueueError::Storage(
+                    "the last flush did not finish; what it covered may not be durable".into(),
+                ));
+            }
         }
         result.map_err(|e| QueueError::Storage(e.to_string()))
     }
