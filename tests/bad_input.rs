@@ -17,15 +17,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 const KEY: &str = "KEY_bad_input";
-/// Daemon flags that keep every accepted call in the queue for `on_disk` to read: an
-/// upstream where nothing listens (the forwarder retries, never drops), and no drain on
-/// shutdown (so `terminate` returns at once).
-const KEEP_QUEUED: [&str; 4] = [
-    "--upstream",
-    "http://127.0.0.1:9",
-    "--drain-timeout-ms",
-    "0",
-];
 /// The daemon's default body limit (`--max-body-bytes`).
 const LIMIT: usize = 1 << 20;
 
@@ -591,7 +582,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     ];
 
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &KEEP_QUEUED);
+    let daemon = Daemon::start(dir.path(), &[]);
     for case in &cases {
         let response = send(&daemon, &case.request).await;
         assert_error(&response, case.status, case.code, case.name);
@@ -656,7 +647,7 @@ async fn mixed_batch_queues_valid_calls_and_keeps_rejected_ones() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &KEEP_QUEUED);
+    let daemon = Daemon::start(dir.path(), &[]);
     let response = send(&daemon, &post("/v1/batch", None, body.as_bytes())).await;
     assert_eq!(
         response.status,
@@ -742,10 +733,7 @@ async fn odd_but_valid_calls_are_accepted() {
         ),
     ];
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(
-        dir.path(),
-        &[&KEEP_QUEUED[..], &["--write-key", "DEFAULT_KEY"]].concat(),
-    );
+    let daemon = Daemon::start(dir.path(), &["--write-key", "DEFAULT_KEY"]);
     for (path, body) in &bodies {
         let response = send(&daemon, &post(path, None, body.as_bytes())).await;
         assert_eq!(

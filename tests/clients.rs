@@ -20,15 +20,6 @@ use serde_json::{json, Map, Value};
 /// The default writeKey given to daemons replaying requests that carry Basic auth. The
 /// requests that carry the key only in their body get a daemon without one.
 const DEFAULT_KEY: &str = "DEFAULT_KEY";
-/// Daemon flags that keep every accepted call in the queue for `on_disk` to read: an
-/// upstream where nothing listens (the forwarder retries, never drops), and no drain on
-/// shutdown (so `terminate` returns at once).
-const KEEP_QUEUED: [&str; 4] = [
-    "--upstream",
-    "http://127.0.0.1:9",
-    "--drain-timeout-ms",
-    "0",
-];
 
 /// The captures this suite knows about; a folder added or lost fails the test.
 const KNOWN: [&str; 9] = [
@@ -310,7 +301,7 @@ async fn replays_every_captured_client_request() {
 
         let has_auth = capture.header("Authorization").is_some();
         let dir = tempfile::tempdir().unwrap();
-        let mut args = KEEP_QUEUED.to_vec();
+        let mut args: Vec<&str> = Vec::new();
         if has_auth {
             // A default key the daemon must not use: the Basic one wins.
             args.extend(["--write-key", DEFAULT_KEY]);
@@ -493,7 +484,7 @@ async fn single_group_call_keeps_traits_exactly() {
 }}"#
     );
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &KEEP_QUEUED);
+    let daemon = Daemon::start(dir.path(), &[]);
     let response = daemon
         .send(&post("/v1/group", Some("KEY_single"), body.as_bytes()))
         .await;

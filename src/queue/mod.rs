@@ -382,7 +382,7 @@ impl Queue {
     /// Moves a record that cannot be read out of the queue, atomically, into the
     /// `quarantine` tree (same key, its bytes and the reason), for an operator to inspect.
     fn quarantine(&self, id: u64, value: &[u8], reason: &str) -> Result<(), QueueError> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::transaction::ConflictableTransactionError;
         use sled::Transactional;
         tracing::error!(
             queue_id = id,
@@ -400,10 +400,7 @@ impl Queue {
                 quarantine.insert(&id.to_be_bytes(), entry.as_slice())?;
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => QueueError::from(e),
-                TransactionError::Abort(()) => QueueError::Storage("transaction aborted".into()),
-            })
+            .map_err(transaction_error)
     }
 
     /// Removes delivered calls in one atomic step and gives their bytes back to the limit.
@@ -422,7 +419,7 @@ impl Queue {
     /// Moves calls from the queue to the dead-letter store in one atomic step: after a crash
     /// each call is in exactly one of the two.
     pub fn dead_letter(&self, calls: &[QueuedCall], reason: &DeadReason) -> Result<(), QueueError> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::transaction::ConflictableTransactionError;
         use sled::Transactional;
         let now_ms = crate::clock::unix_ms(std::time::SystemTime::now());
         let mut moves = Vec::with_capacity(calls.len());
@@ -452,10 +449,7 @@ impl Queue {
                 }
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => QueueError::from(e),
-                TransactionError::Abort(()) => QueueError::Storage("transaction aborted".into()),
-            })?;
+            .map_err(transaction_error)?;
         let freed: u64 = calls.iter().map(|c| c.stored_bytes).sum();
         // Dead letters still count against the limit, as they still take disk.
         self.inner.stored_bytes.fetch_add(added, Ordering::SeqCst);
@@ -466,16 +460,7 @@ impl Queue {
 
     /// The dead letters, oldest first.
     pub fn dead(&self) -> Result<Vec<DeadRecord>, QueueError> {
-        self.inner
-            .dead
-            .iter()
-            .values()
-            .map(|value| {
-                let value = value?;
-                serde_json::from_slice(&value)
-                    .map_err(|e| QueueError::Storage(format!("damaged dead letter: {e}")))
-            })
-            .collect()
+        read_json_tree(&self.inner.dead, "dead letter")
     }
 
     /// Resolves when more calls become readable (durable) after it was created and
@@ -505,16 +490,7 @@ impl Queue {
 
     /// The calls ingest refused inside accepted batches, oldest first.
     pub fn rejected(&self) -> Result<Vec<RejectedRecord>, QueueError> {
-        self.inner
-            .rejected
-            .iter()
-            .values()
-            .map(|value| {
-                let value = value?;
-                serde_json::from_slice(&value)
-                    .map_err(|e| QueueError::Storage(format!("damaged rejected record: {e}")))
-            })
-            .collect()
+        read_json_tree(&self.inner.rejected, "rejected record")
     }
 
     /// Makes everything inserted so far durable, then stops the committer. Appends after
@@ -612,6 +588,31 @@ fn stored_bytes_at_open(meta: &sled::Tree, trees: [&sled::Tree; 3]) -> Result<u6
         }
     }
     Ok(stored)
+}
+
+/// Every record of a tree of JSON records, in key order.
+fn read_json_tree<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    what: &str,
+) -> Result<Vec<T>, QueueError> {
+    tree.iter()
+        .values()
+        .map(|value| {
+            let value = value?;
+            serde_json::from_slice(&value)
+                .map_err(|e| QueueError::Storage(format!("damaged {what}: {e}")))
+        })
+        .collect()
+}
+
+/// A two-tree move's error, as the queue reports it.
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> QueueError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => QueueError::from(e),
+        sled::transaction::TransactionError::Abort(()) => {
+            QueueError::Storage("transaction aborted".into())
+        }
+    }
 }
 
 fn db_path(data_dir: &Path) -> PathBuf {
