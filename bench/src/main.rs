@@ -127,6 +127,8 @@ fn main() {
         return;
     }
     let placement = Placement { pinned: cli.pin };
+    // Read the machine before pinning this process narrows what it sees.
+    let machine = machine();
     let workers = if cli.pin {
         pin_self_to_cpu(1);
         1
@@ -138,7 +140,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let report = runtime.block_on(run(&cli, placement));
+    let report = runtime.block_on(run(&cli, placement, machine));
     print_report(&report);
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
@@ -146,9 +148,9 @@ fn main() {
     }
 }
 
-async fn run(cli: &Cli, placement: Placement) -> Report {
+async fn run(cli: &Cli, placement: Placement, machine: String) -> Report {
     let mut report = Report {
-        machine: machine(),
+        machine,
         placement: if cli.pin {
             "servers pinned to CPU 0 (taskset), load generator and sink on CPU 1".into()
         } else {
