@@ -469,15 +469,6 @@ impl Queue {
         self.inner.commit.advanced.notified()
     }
 
-    /// Calls in the queue.
-    pub fn len(&self) -> usize {
-        self.inner.calls.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.inner.calls.is_empty()
-    }
-
     /// Bytes of stored records counted against the limit.
     pub fn stored_bytes(&self) -> u64 {
         self.inner.stored_bytes.load(Ordering::SeqCst)
