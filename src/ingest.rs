@@ -203,7 +203,7 @@ impl Ingest {
     }
 
     /// Reads the whole body within the limit, decoding `Content-Encoding: gzip`.
-    async fn read_body(&self, req: Request<Incoming>) -> Result<Vec<u8>, Refusal> {
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Refusal> {
         let limit = self.max_body_bytes;
         let too_large = || {
             Refusal::new(
@@ -262,7 +262,7 @@ impl Ingest {
             }
         };
         match encoding {
-            Encoding::Identity => Ok(bytes.to_vec()),
+            Encoding::Identity => Ok(bytes),
             Encoding::Gzip => {
                 let mut inflated = Vec::with_capacity(bytes.len() * 4);
                 // Reading one byte past the limit tells "too large" from "exactly the limit"
@@ -280,7 +280,7 @@ impl Ingest {
                 if inflated.len() > limit {
                     return Err(too_large());
                 }
-                Ok(inflated)
+                Ok(Bytes::from(inflated))
             }
         }
     }
