@@ -55,6 +55,10 @@ pub struct Settings {
     #[arg(long, value_name = "N", env = "GROUPRELAY_MAX_QUEUE_BYTES")]
     pub max_queue_bytes: Option<u64>,
 
+    /// Free bytes to keep on the data dir's filesystem; below it new calls get 429; 0 turns it off [default: 536870912]
+    #[arg(long, value_name = "N", env = "GROUPRELAY_MIN_FREE_DISK_BYTES")]
+    pub min_free_disk_bytes: Option<u64>,
+
     /// How long a partial upstream batch may wait, in ms [default: 500]
     #[arg(long, value_name = "N", env = "GROUPRELAY_FLUSH_INTERVAL_MS")]
     pub flush_interval_ms: Option<u64>,
@@ -114,6 +118,7 @@ pub struct Config {
     pub write_key: Option<String>,
     pub durability: Durability,
     pub max_queue_bytes: u64,
+    pub min_free_disk_bytes: u64,
     pub flush_interval: Duration,
     pub max_body_bytes: usize,
     pub sync_interval: Duration,
@@ -186,6 +191,7 @@ impl Settings {
             write_key: self.write_key.or(lower.write_key),
             durability: self.durability.or(lower.durability),
             max_queue_bytes: self.max_queue_bytes.or(lower.max_queue_bytes),
+            min_free_disk_bytes: self.min_free_disk_bytes.or(lower.min_free_disk_bytes),
             flush_interval_ms: self.flush_interval_ms.or(lower.flush_interval_ms),
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
             sync_interval_ms: self.sync_interval_ms.or(lower.sync_interval_ms),
@@ -327,6 +333,7 @@ impl Config {
             write_key,
             durability,
             max_queue_bytes,
+            min_free_disk_bytes: s.min_free_disk_bytes.unwrap_or(512 << 20),
             flush_interval: Duration::from_millis(flush_interval_ms),
             max_body_bytes: usize::try_from(max_body_bytes)
                 .map_err(|_| ConfigError::new("--max-body-bytes", "too large"))?,

@@ -37,6 +37,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     let options = QueueOptions {
         durability: config.durability,
         max_bytes: config.max_queue_bytes,
+        min_free_bytes: config.min_free_disk_bytes,
         sync_interval: config.sync_interval,
         ..QueueOptions::new(&config.data_dir)
     };

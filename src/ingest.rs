@@ -175,6 +175,14 @@ impl Ingest {
                     "queue_full",
                     format!("grouprelay's queue is full; retry in {RETRY_AFTER_SECS} s"),
                 ),
+                QueueError::DiskLow { .. } => {
+                    tracing::warn!(error = %e, "refusing calls until disk space returns");
+                    Refusal::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "disk_space_low",
+                        format!("grouprelay's disk is nearly full; retry in {RETRY_AFTER_SECS} s"),
+                    )
+                }
                 other => {
                     tracing::error!(error = %other, "could not persist calls");
                     Refusal::new(

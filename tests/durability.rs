@@ -379,3 +379,51 @@ async fn a_full_disk_answers_503_keeps_serving_and_keeps_what_was_acknowledged()
         );
     }
 }
+
+#[tokio::test]
+async fn below_the_free_space_floor_calls_get_429_until_space_returns() {
+    // The floor leaves a wide margin: free space is read at most once a second while above
+    // the floor, and a second of writes must not fill the disk.
+    let Some(disk) = SmallDisk::mount("64m") else {
+        return;
+    };
+    let data = disk.path.join("data");
+    let daemon = Daemon::start(
+        &data,
+        &["--write-key", "K", "--min-free-disk-bytes", "40000000"],
+    );
+    let pad = "x".repeat(20_000);
+    let mut accepted = 0;
+    let refusal = loop {
+        let body = format!(
+            r#"{{"userId":"u","groupId":"g","messageId":"m{accepted}","traits":{{"pad":"{pad}"}}}}"#
+        );
+        let response = daemon.send(&post("/v1/group", None, body.as_bytes())).await;
+        if response.status != 200 {
+            break response;
+        }
+        accepted += 1;
+        assert!(accepted < 5000, "the floor was never reached");
+    };
+    let log = daemon.log_text();
+    assert_eq!(
+        refusal.status,
+        429,
+        "{:?} after {accepted}:\n{}",
+        refusal.json(),
+        &log[log.len().saturating_sub(3000)..]
+    );
+    assert_eq!(refusal.json()["code"], "disk_space_low");
+    assert!(refusal.header("Retry-After").is_some());
+    assert_eq!(daemon.send(&get("/health")).await.status, 200);
+
+    // Space returns: the very next call is taken.
+    disk.resize("256m");
+    let body = br#"{"userId":"u","groupId":"g","messageId":"after"}"#;
+    assert_eq!(
+        daemon.send(&post("/v1/group", None, body)).await.status,
+        200
+    );
+    assert_eq!(daemon.terminate().code(), Some(0), "the disk never filled");
+    assert_eq!(on_disk(&data).await.calls.len(), accepted + 1);
+}

@@ -21,6 +21,7 @@
 
 mod commit;
 pub mod record;
+mod space;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -35,6 +36,7 @@ use tokio::task::JoinHandle;
 use crate::spec::RejectedCall;
 use commit::GroupCommit;
 pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
+use space::FreeSpace;
 
 /// Why calls are dead-lettered.
 #[derive(Debug, Clone)]
@@ -82,6 +84,9 @@ pub struct QueueOptions {
     pub max_bytes: u64,
     /// sled's page cache. Its 1 GiB default would let a large backlog cost a large RSS.
     pub cache_bytes: u64,
+    /// Free bytes the data dir's filesystem must keep; appends below it are refused
+    /// (0: no floor).
+    pub min_free_bytes: u64,
     /// How often `interval` mode flushes (and how soon removals of delivered calls are
     /// made durable in either mode).
     pub sync_interval: Duration,
@@ -94,6 +99,7 @@ impl QueueOptions {
             durability: Durability::Fsync,
             max_bytes: 1 << 30,
             cache_bytes: 64 << 20,
+            min_free_bytes: 0,
             sync_interval: Duration::from_millis(200),
         }
     }
@@ -103,6 +109,8 @@ impl QueueOptions {
 pub enum QueueError {
     /// The byte limit would be passed: try again later.
     Full { stored: u64, limit: u64 },
+    /// The filesystem's free space is below the floor: try again later.
+    DiskLow { free: u64, floor: u64 },
     /// sled or the filesystem failed.
     Storage(String),
     /// The database was written by a newer grouprelay.
@@ -115,6 +123,10 @@ impl std::fmt::Display for QueueError {
             QueueError::Full { stored, limit } => {
                 write!(f, "queue is full ({stored} of {limit} bytes stored)")
             }
+            QueueError::DiskLow { free, floor } => write!(
+                f,
+                "the data dir's filesystem has {free} bytes free, below the floor of {floor}"
+            ),
             QueueError::Storage(e) => write!(f, "queue storage error: {e}"),
             QueueError::NewerFormat(v) => write!(
                 f,
@@ -170,6 +182,7 @@ struct Inner {
     durability: Durability,
     max_bytes: u64,
     stored_bytes: Arc<AtomicU64>,
+    free_space: FreeSpace,
     sequencer: Arc<Mutex<Sequencer>>,
     /// Set by `close`: appends after it are refused.
     closed: AtomicBool,
@@ -240,6 +253,7 @@ impl Queue {
                 durability: options.durability,
                 max_bytes: options.max_bytes,
                 stored_bytes: stored,
+                free_space: FreeSpace::new(&options.data_dir, options.min_free_bytes),
                 sequencer,
                 closed: AtomicBool::new(false),
                 commit,
@@ -274,6 +288,12 @@ impl Queue {
             .chain(&rejected_records)
             .map(|r| r.len() as u64 + KEY_LEN)
             .sum();
+        if let Err(free) = inner.free_space.check(size) {
+            return Err(QueueError::DiskLow {
+                free,
+                floor: inner.free_space.floor(),
+            });
+        }
         self.reserve(size)?;
 
         let mut inserted_ids = 0..0;
