@@ -9,7 +9,7 @@
 //! | [`server`] | listeners (TCP and Unix) and the HTTP/1.1 connections on them |
 //! | [`ingest`] | the Tracking API: routes, writeKey, body limits, gzip, JSON answers |
 //! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
-//! | [`queue`] | the sled database: append with group commit, read in order, remove, dead letters |
+//! | [`queue`] | the sled database: append with group commit, read in order, remove, dead letters, free-space floor |
 //! | [`forward`] | lanes per writeKey, batches upstream, retry with backoff, bisecting refusals |
 //! | [`shutdown`] | the signal every task listens to |
 //! | [`clock`] | timestamps as Segment writes them |
