@@ -5,7 +5,7 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`config`] | the one typed [`config::Config`]: flags > env > file > defaults |
-//! | [`daemon`] | start-up and shutdown order: queue, listeners, serve, close |
+//! | [`daemon`] | start-up and shutdown order: queue, forwarder, listeners; then stop, drain, close |
 //! | [`server`] | listeners (TCP and Unix) and the HTTP/1.1 connections on them |
 //! | [`ingest`] | the Tracking API: routes, writeKey, body limits, gzip, JSON answers |
 //! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
