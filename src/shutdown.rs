@@ -23,10 +23,6 @@ impl Trigger {
     pub fn fire(&self) {
         self.0.send_replace(true);
     }
-
-    pub fn subscribe(&self) -> Shutdown {
-        Shutdown(self.0.subscribe())
-    }
 }
 
 impl Shutdown {
@@ -34,10 +30,6 @@ impl Shutdown {
     pub async fn recv(&mut self) {
         // An error means the trigger is gone, which also means "stop".
         let _ = self.0.wait_for(|fired| *fired).await;
-    }
-
-    pub fn is_fired(&self) -> bool {
-        *self.0.borrow()
     }
 }
 
