@@ -172,21 +172,30 @@ async fn calls_are_handed_out_only_once_durable() {
     queue.close().await.unwrap();
 }
 
+/// The key of the chunk holding `count` calls from id `first`, as the queue stores it.
+fn chunk_key(first: u64, count: u32) -> Vec<u8> {
+    let mut key = vec![b'c'];
+    key.extend_from_slice(&first.to_be_bytes());
+    key.extend_from_slice(&count.to_be_bytes());
+    key
+}
+
 #[tokio::test]
-async fn an_unreadable_record_is_quarantined_and_the_rest_still_read() {
+async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
     let dir = tempfile::tempdir().unwrap();
     let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
-    let batch: Vec<_> = (0..3).map(call).collect();
-    queue.append("key", 1, &batch, &[]).await.unwrap();
+    // One request after another: each is its own chunk.
+    for i in 0..3 {
+        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
+    }
     queue.close().await.unwrap();
     drop(queue);
     {
-        // Damage the middle record on disk.
+        // Damage the middle chunk on disk.
         let db = sled::open(dir.path().join(grouprelay::queue::DB_DIR)).unwrap();
-        let calls = db.open_tree("calls").unwrap();
-        calls
-            .insert(1u64.to_be_bytes(), &b"\x07garbage"[..])
-            .unwrap();
+        let tree = db.open_tree("queue").unwrap();
+        let old = tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
+        assert!(old.is_some(), "the chunk layout changed; fix this test");
         db.flush().unwrap();
     }
     let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
@@ -194,20 +203,24 @@ async fn an_unreadable_record_is_quarantined_and_the_rest_still_read() {
     let ids: Vec<u64> = read.iter().map(|c| c.id).collect();
     assert_eq!(ids, [0, 2]);
     assert_eq!(read[1].record.call, call(2));
+    let counts = queue.counts();
+    assert_eq!(counts.accepted, 3);
+    assert_eq!(counts.dead.get("quarantined"), Some(&1));
+    assert_eq!(counts.pending, 2);
     queue.close().await.unwrap();
     drop(queue);
     let db = sled::open(dir.path().join(grouprelay::queue::DB_DIR)).unwrap();
     let quarantined = db
         .open_tree("quarantine")
         .unwrap()
-        .get(1u64.to_be_bytes())
-        .unwrap();
-    let quarantined = quarantined.expect("the damaged record is kept in quarantine");
+        .get(chunk_key(1, 1))
+        .unwrap()
+        .expect("the damaged chunk is kept in quarantine");
     assert!(quarantined.ends_with(b"\x07garbage"));
     assert!(db
-        .open_tree("calls")
+        .open_tree("queue")
         .unwrap()
-        .get(1u64.to_be_bytes())
+        .get(chunk_key(1, 1))
         .unwrap()
         .is_none());
 }

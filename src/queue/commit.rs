@@ -4,10 +4,15 @@
 //! One committer task runs flushes back to back while anyone waits, so 64 concurrent requests
 //! share a handful of flushes instead of running 64 in series. A flush is sled's `flush()`
 //! (which writes with `sync_file_range`, enough to survive `kill -9`) followed by an
-//! `fdatasync` of sled's data file (what survives power loss; see `shared/notes/stack.md`).
+//! `fdatasync` of sled's data file (what survives power loss; see `shared/notes/stack.md`),
+//! and of any *blob* files sled wrote since (sled writes a log message over a quarter of a
+//! segment, a large leaf say, to its own file under `blobs/` and never syncs it).
 //! Only this task ever flushes: sled has lost-wakeup bugs with several flushes in flight.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +59,7 @@ impl GroupCommit {
     pub(crate) fn start(
         db: sled::Db,
         data_file: File,
+        blobs_dir: PathBuf,
         period: Duration,
         before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
     ) -> (Arc<GroupCommit>, JoinHandle<()>) {
@@ -76,6 +82,7 @@ impl GroupCommit {
             shared.clone(),
             db,
             Arc::new(data_file),
+            BlobSync::new(blobs_dir),
             period,
             before_flush,
             tx,
@@ -137,11 +144,14 @@ async fn committer(
     shared: Arc<GroupCommit>,
     db: sled::Db,
     data_file: Arc<File>,
+    blobs: BlobSync,
     period: Duration,
     before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
     flushed: watch::Sender<Flushed>,
 ) {
-    let mut ticker = tokio::time::interval(period);
+    let blobs = Arc::new(std::sync::Mutex::new(blobs));
+    // The first tick a period from now: a fresh start has nothing to flush.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -157,11 +167,16 @@ async fn committer(
         let generation = shared.next_generation.fetch_add(1, Ordering::SeqCst);
         // Ids below this were inserted before the flush starts, so it covers them.
         let covered = before_flush();
-        let (db, file) = (db.clone(), data_file.clone());
+        let (db, file, blobs) = (db.clone(), data_file.clone(), blobs.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
             db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
             file.sync_data()
-                .map_err(|e| format!("fdatasync of the queue file failed: {e}"))
+                .map_err(|e| format!("fdatasync of the queue file failed: {e}"))?;
+            blobs
+                .lock()
+                .expect("blob sync lock")
+                .sync_new()
+                .map_err(|e| format!("fsync of a queue blob file failed: {e}"))
         })
         .await
         .unwrap_or_else(|e| Err(format!("flush task failed: {e}")));
@@ -183,4 +198,51 @@ async fn committer(
             break;
         }
     }
+}
+
+/// Makes sled's blob files durable: each new one once, then the directory that names it.
+struct BlobSync {
+    dir: PathBuf,
+    synced: HashSet<OsString>,
+}
+
+impl BlobSync {
+    fn new(dir: PathBuf) -> BlobSync {
+        BlobSync {
+            dir,
+            synced: HashSet::new(),
+        }
+    }
+
+    fn sync_new(&mut self) -> std::io::Result<()> {
+        let mut present = HashSet::new();
+        let mut any_new = false;
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let name = entry?.file_name();
+            if !self.synced.contains(&name) {
+                match File::open(self.dir.join(&name)) {
+                    Ok(file) => file.sync_data()?,
+                    // sled removed it meanwhile (garbage collection): nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                any_new = true;
+            }
+            present.insert(name);
+        }
+        if any_new {
+            sync_dir(&self.dir)?;
+        }
+        self.synced = present;
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }

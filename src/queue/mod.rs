@@ -2,28 +2,33 @@
 //!
 //! # Guarantees
 //! - **Durable before acknowledged.** In [`Durability::Fsync`] mode, [`Queue::append`] returns
-//!   `Ok` only after a sled flush that started after the calls were inserted *and* an
-//!   `fdatasync` of sled's data file. A call whose append returned `Ok` survives `kill -9`
-//!   and power loss. In [`Durability::Interval`] mode, append returns after the insert and a
-//!   flush runs every `sync_interval`: calls acknowledged within that window before a crash
-//!   can be lost.
-//! - **All or nothing per request.** The calls of one append are inserted in one atomic
-//!   sled batch: after a crash either all of them are queued or none.
-//! - **FIFO.** Calls are keyed by a big-endian `u64` sequence, so key order is arrival order.
-//!   [`Queue::read`] hands out only calls whose whole append has been inserted, so a reader
-//!   never skips a call that a slower concurrent request is still writing.
-//! - **Removed only on request.** Calls leave the queue only through [`Queue::remove`], in one
-//!   atomic batch, called once upstream has taken them.
+//!   `Ok` only after a sled flush that started after the calls were written *and* an
+//!   `fdatasync` of sled's files. A call whose append returned `Ok` survives `kill -9` and
+//!   power loss. In [`Durability::Interval`] mode, append returns after the write and a flush
+//!   runs every `sync_interval`: calls acknowledged within that window before a crash can be
+//!   lost.
+//! - **All or nothing per request.** The calls of one append are written in one atomic sled
+//!   operation: after a crash either all of them are queued or none.
+//! - **FIFO.** Each call gets the next id (a `u64`) in arrival order, and calls are stored in
+//!   order in *chunks* of a few calls each (see [`record`]). [`Queue::read`] hands out only
+//!   calls that a flush has covered, so a reader never sees a call a crash could take back.
+//! - **Removed only on request.** Calls leave the queue only through [`Queue::remove`] or
+//!   [`Queue::dead_letter`] (or quarantine, for a chunk that cannot be read), each one atomic
+//!   step that also updates the counters.
+//! - **Exact accounting.** `accepted = delivered + dead + pending` at every moment and after
+//!   any crash ([`Queue::counts`]; see `ledger`).
 //! - **Bounded.** Appends past `max_bytes` of stored records are refused with
 //!   [`QueueError::Full`]; nothing already queued is touched.
-//! - **Versioned.** Every record carries a format byte; a database written by a newer format
-//!   is refused at open.
+//! - **Versioned.** The database records its format; one written by a newer grouprelay is
+//!   refused at open.
 
+mod appender;
 mod commit;
+mod ledger;
 pub mod record;
 mod space;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,7 +39,10 @@ use serde_json::value::RawValue;
 use tokio::task::JoinHandle;
 
 use crate::spec::RejectedCall;
+use appender::{Appender, Target};
 use commit::GroupCommit;
+use ledger::{Books, Settlement};
+pub use ledger::{ChunkRef, Counters};
 pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
 use space::FreeSpace;
 
@@ -52,17 +60,26 @@ pub struct DeadReason {
 
 /// Name of the sled database directory inside the data dir.
 pub const DB_DIR: &str = "queue";
-const CALLS_TREE: &str = "calls";
+/// Chunks of queued calls, their done-bits and the counters: one tree, so that a call's
+/// state and the counters change in one atomic batch.
+const QUEUE_TREE: &str = "queue";
 const REJECTED_TREE: &str = "rejected";
 const DEAD_TREE: &str = "dead";
-/// Records that could not be read: `reason \n original bytes`, under their queue key.
+/// Chunks that could not be read: `reason \n original bytes`, under their queue key.
 const QUARANTINE_TREE: &str = "quarantine";
 const META_TREE: &str = "meta";
 const FORMAT_KEY: &str = "format";
+/// The database format this build writes and reads: 2 = calls in chunks.
+const DB_FORMAT: u8 = 2;
 /// The stored-bytes count as of the last flush.
 const STORED_BYTES_KEY: &str = "stored_bytes";
-/// Stored size of a key, counted with each record against the byte limit.
-const KEY_LEN: u64 = 8;
+/// Keys in the queue tree: a chunk is `c` + first id + call count, its done-bits `a` + first
+/// id, the counters `l`.
+const CHUNK_PREFIX: u8 = b'c';
+const DONE_PREFIX: u8 = b'a';
+const LEDGER_KEY: &[u8] = b"l";
+/// Bytes counted against the limit for each stored value besides its own (its key, roughly).
+const KEY_OVERHEAD: u64 = 16;
 
 /// When an append counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +122,7 @@ impl QueueOptions {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum QueueError {
     /// The byte limit would be passed: try again later.
     Full { stored: u64, limit: u64 },
@@ -115,6 +132,8 @@ pub enum QueueError {
     Storage(String),
     /// The database was written by a newer grouprelay.
     NewerFormat(u8),
+    /// The database was written by an unreleased format this build does not read.
+    OlderFormat(u8),
 }
 
 impl std::fmt::Display for QueueError {
@@ -130,8 +149,11 @@ impl std::fmt::Display for QueueError {
             QueueError::Storage(e) => write!(f, "queue storage error: {e}"),
             QueueError::NewerFormat(v) => write!(
                 f,
-                "the queue was written by a newer grouprelay (format {v}; this build reads up to {})",
-                record::FORMAT_VERSION
+                "the queue was written by a newer grouprelay (format {v}; this build reads up to {DB_FORMAT})"
+            ),
+            QueueError::OlderFormat(v) => write!(
+                f,
+                "the queue was written by a development build (format {v}) that this build cannot read; move the data dir's queue/ away"
             ),
         }
     }
@@ -150,22 +172,22 @@ impl From<sled::Error> for QueueError {
 pub struct QueuedCall {
     pub id: u64,
     pub record: CallRecord,
-    /// Bytes this call holds against the limit; give it back to [`Queue::remove`].
-    pub stored_bytes: u64,
+    /// The chunk it is stored in; [`Queue::remove`] needs it.
+    pub chunk: ChunkRef,
 }
 
-/// Hands out sequence numbers, and tells how far the queue may be read: up to the first
-/// append still being inserted.
-struct Sequencer {
-    next: u64,
-    inserting: BTreeSet<u64>,
-}
-
-impl Sequencer {
-    /// One past the last id a reader may see: every id below it is fully inserted.
-    fn readable_end(&self) -> u64 {
-        self.inserting.first().copied().unwrap_or(self.next)
-    }
+/// Every call's fate so far, from the durable counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counts {
+    /// Calls ever queued (acknowledged, in `fsync` mode).
+    pub accepted: u64,
+    pub delivered: u64,
+    /// Calls moved out without delivery, by reason.
+    pub dead: BTreeMap<String, u64>,
+    /// Calls still queued: `accepted - delivered - dead`.
+    pub pending: u64,
+    /// Calls refused at ingest inside accepted batches (kept in the `rejected` store).
+    pub rejected: u64,
 }
 
 /// A handle on the queue; clones share it.
@@ -176,14 +198,20 @@ pub struct Queue {
 
 struct Inner {
     db: sled::Db,
-    calls: sled::Tree,
+    /// Chunks, done-bits and counters.
+    tree: sled::Tree,
     rejected: sled::Tree,
     dead: sled::Tree,
     durability: Durability,
     max_bytes: u64,
     stored_bytes: Arc<AtomicU64>,
     free_space: FreeSpace,
-    sequencer: Arc<Mutex<Sequencer>>,
+    /// One past the last call id written (not necessarily durable yet).
+    inserted_end: Arc<AtomicU64>,
+    appender: Appender,
+    /// Counters and done-bits; also serialises the delivery side's writes.
+    books: Mutex<Books>,
+    rejected_count: AtomicU64,
     /// Set by `close`: appends after it are refused.
     closed: AtomicBool,
     commit: Arc<GroupCommit>,
@@ -203,32 +231,33 @@ impl Queue {
             .open()?;
         let meta = db.open_tree(META_TREE)?;
         match meta.get(FORMAT_KEY)?.as_deref() {
-            Some([v]) if *v > record::FORMAT_VERSION => return Err(QueueError::NewerFormat(*v)),
+            Some([v]) if *v > DB_FORMAT => return Err(QueueError::NewerFormat(*v)),
+            Some([v]) if *v < DB_FORMAT => return Err(QueueError::OlderFormat(*v)),
             Some(_) => {}
             None => {
-                meta.insert(FORMAT_KEY, &[record::FORMAT_VERSION])?;
+                meta.insert(FORMAT_KEY, &[DB_FORMAT])?;
             }
         }
-        let calls = db.open_tree(CALLS_TREE)?;
+        let tree = db.open_tree(QUEUE_TREE)?;
         let rejected = db.open_tree(REJECTED_TREE)?;
         let dead = db.open_tree(DEAD_TREE)?;
-        let next = match calls.last()? {
-            Some((key, _)) => decode_key(&key)? + 1,
+        let books = read_books(&tree)?;
+        let next_id = match tree.scan_prefix([CHUNK_PREFIX]).next_back() {
+            Some(item) => decode_chunk_key(&item?.0)?.end(),
             None => 0,
-        };
+        }
+        .max(books.counters.next_id_floor);
         let stored = Arc::new(AtomicU64::new(stored_bytes_at_open(
             &meta,
-            [&calls, &rejected, &dead],
+            [&tree, &rejected, &dead],
         )?));
+        let rejected_count = AtomicU64::new(rejected.len() as u64);
         db.flush()?;
         let data_file = File::open(path.join("db")).map_err(|e| {
             QueueError::Storage(format!("cannot open {}: {e}", path.join("db").display()))
         })?;
-        let sequencer = Arc::new(Mutex::new(Sequencer {
-            next,
-            inserting: BTreeSet::new(),
-        }));
-        let (readable, counted) = (sequencer.clone(), stored.clone());
+        let inserted_end = Arc::new(AtomicU64::new(next_id));
+        let (written, counted) = (inserted_end.clone(), stored.clone());
         let before_flush = move || {
             // The byte count rides along with every flush, so a restart need not read the
             // whole queue to know it (a crash can leave it off by the calls in flight).
@@ -236,25 +265,37 @@ impl Queue {
             if let Err(e) = meta.insert(STORED_BYTES_KEY, &bytes.to_be_bytes()) {
                 tracing::warn!(error = %e, "cannot record the queue's byte count");
             }
-            readable.lock().expect("sequencer lock").readable_end()
+            written.load(Ordering::SeqCst)
         };
         let (commit, committer) = GroupCommit::start(
             db.clone(),
             data_file,
+            path.join("blobs"),
             options.sync_interval,
             Box::new(before_flush),
         );
+        let appender = Appender::start(Target {
+            tree: tree.clone(),
+            next_id,
+            inserted_end: inserted_end.clone(),
+            stored_bytes: stored.clone(),
+            commit: commit.clone(),
+            durability: options.durability,
+        })?;
         Ok(Queue {
             inner: Arc::new(Inner {
                 db,
-                calls,
+                tree,
                 rejected,
                 dead,
                 durability: options.durability,
                 max_bytes: options.max_bytes,
                 stored_bytes: stored,
                 free_space: FreeSpace::new(&options.data_dir, options.min_free_bytes),
-                sequencer,
+                inserted_end,
+                appender,
+                books: Mutex::new(books),
+                rejected_count,
                 closed: AtomicBool::new(false),
                 commit,
                 committer: Mutex::new(Some(committer)),
@@ -263,7 +304,10 @@ impl Queue {
     }
 
     /// Queues one request's calls (and keeps its rejected calls), durably per the
-    /// durability mode. Either every call is queued or, on error, none is.
+    /// durability mode. Either every call is queued or none is.
+    ///
+    /// An error after the write (the flush failed: a full disk, say) leaves the calls queued:
+    /// the client will likely send them again, and upstream dedupes by `messageId`.
     pub async fn append(
         &self,
         write_key: &str,
@@ -283,11 +327,15 @@ impl Queue {
             .iter()
             .map(|r| rejected_record(write_key, received_ms, r))
             .collect::<Result<Vec<_>, _>>()?;
-        let size: u64 = records
+        let calls_size: u64 = records
             .iter()
-            .chain(&rejected_records)
-            .map(|r| r.len() as u64 + KEY_LEN)
+            .map(|r| (r.len() + record::CHUNK_ENTRY_OVERHEAD) as u64)
             .sum();
+        let rejected_size: u64 = rejected_records
+            .iter()
+            .map(|r| r.len() as u64 + KEY_OVERHEAD)
+            .sum();
+        let size = calls_size + rejected_size;
         if let Err(free) = inner.free_space.check(size) {
             return Err(QueueError::DiskLow {
                 free,
@@ -296,61 +344,36 @@ impl Queue {
         }
         self.reserve(size)?;
 
-        let mut inserted_ids = 0..0;
-        let inserted = (|| -> Result<(), QueueError> {
-            if !rejected_records.is_empty() {
-                let mut batch = sled::Batch::default();
+        if !rejected_records.is_empty() {
+            let count = rejected_records.len() as u64;
+            let mut batch = sled::Batch::default();
+            let written = (|| {
                 for record in rejected_records {
                     batch.insert(&inner.db.generate_id()?.to_be_bytes(), record);
                 }
-                inner.rejected.apply_batch(batch)?;
+                inner.rejected.apply_batch(batch)
+            })();
+            if let Err(e) = written {
+                inner.stored_bytes.fetch_sub(size, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot keep rejected calls");
+                return Err(e.into());
             }
-            if !records.is_empty() {
-                let first = inner.begin_insert(records.len() as u64);
-                let result = if records.len() == 1 {
-                    // One insert is atomic by itself, and about 8x cheaper than a batch of
-                    // one: `apply_batch` seals a batch marker into sled's log each time.
-                    let record = records.into_iter().next().expect("one record");
-                    inner.calls.insert(first.to_be_bytes(), record).map(|_| ())
-                } else {
-                    let mut batch = sled::Batch::default();
-                    for (id, record) in (first..).zip(records) {
-                        batch.insert(&id.to_be_bytes(), record);
-                    }
-                    inner.calls.apply_batch(batch)
-                };
-                inner.end_insert(first);
-                result?;
-                inserted_ids = first..first + calls.len() as u64;
-            }
-            Ok(())
-        })();
-        if let Err(e) = inserted {
-            inner.stored_bytes.fetch_sub(size, Ordering::SeqCst);
-            tracing::error!(error = %e, "queue insert failed");
+            inner.rejected_count.fetch_add(count, Ordering::SeqCst);
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = inner.appender.append(records).await {
+            inner.stored_bytes.fetch_sub(calls_size, Ordering::SeqCst);
             return Err(e);
         }
         match inner.durability {
-            Durability::Fsync => {
-                let Err(e) = inner.commit.durable().await else {
-                    return Ok(());
-                };
-                // The client will send these again: take them back out, so that a later
-                // flush cannot make them durable and have them delivered twice. One key at a
-                // time: with a flush stuck after an I/O error, sled's `apply_batch` would
-                // wait for that flush forever.
-                let removed = inserted_ids
-                    .map(|id| inner.calls.remove(id.to_be_bytes()))
-                    .all(|r| r.is_ok());
-                if removed {
-                    inner.stored_bytes.fetch_sub(size, Ordering::SeqCst);
-                }
-                Err(QueueError::Storage(format!("calls not made durable: {e}")))
-            }
-            Durability::Interval => {
-                inner.commit.mark_dirty();
-                Ok(())
-            }
+            Durability::Fsync => inner.commit.durable().await.map_err(|e| {
+                QueueError::Storage(format!(
+                    "calls written but not made durable ({e}); they may still be delivered"
+                ))
+            }),
+            Durability::Interval => Ok(()),
         }
     }
 
@@ -366,84 +389,163 @@ impl Queue {
             .map_err(|stored| QueueError::Full { stored, limit })
     }
 
-    /// Up to `limit` durable calls with ids of `from` or more, in queue order. A call is
-    /// handed out only once a flush covers it, so nothing is delivered that a crash could
+    /// Up to `limit` pending durable calls with ids of `from` or more, in queue order. A call
+    /// is handed out only once a flush covers it, so nothing is delivered that a crash could
     /// still take back (and that its client would then send again).
-    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
-        let end = self
-            .inner
-            .readable_end()
-            .min(self.inner.commit.durable_end());
+    pub fn read(&self, mut from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
         let mut out = Vec::new();
-        if from >= end {
-            return Ok(out);
-        }
-        for item in self
-            .inner
-            .calls
-            .range(from.to_be_bytes()..end.to_be_bytes())
-            .take(limit)
-        {
-            let (key, value) = item?;
-            let id = decode_key(&key)?;
-            match record::decode_call(&value) {
-                Ok(record) => out.push(QueuedCall {
-                    id,
-                    record,
-                    stored_bytes: value.len() as u64 + KEY_LEN,
-                }),
-                // One bad record must not stop delivery of the rest.
-                Err(e) => self.quarantine(id, &value, &e.to_string())?,
-            }
+        // One unreadable chunk must not stop delivery of the rest: quarantine it, read on.
+        while let Some(damaged) = self.read_into(from, limit, &mut out)? {
+            from = damaged.chunk.end();
+            self.quarantine(damaged)?;
         }
         Ok(out)
     }
 
-    /// Moves a record that cannot be read out of the queue, atomically, into the
-    /// `quarantine` tree (same key, its bytes and the reason), for an operator to inspect.
-    fn quarantine(&self, id: u64, value: &[u8], reason: &str) -> Result<(), QueueError> {
-        use sled::transaction::ConflictableTransactionError;
-        use sled::Transactional;
-        tracing::error!(
-            queue_id = id,
-            reason,
-            "unreadable queued record moved to quarantine"
-        );
-        let quarantine = self.inner.db.open_tree(QUARANTINE_TREE)?;
-        let mut entry = Vec::with_capacity(reason.len() + 1 + value.len());
-        entry.extend_from_slice(reason.as_bytes());
-        entry.push(b'\n');
-        entry.extend_from_slice(value);
-        (&self.inner.calls, &quarantine)
-            .transaction(|(calls, quarantine)| {
-                calls.remove(&id.to_be_bytes())?;
-                quarantine.insert(&id.to_be_bytes(), entry.as_slice())?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(transaction_error)
+    /// Reads into `out` until `limit`, the end, or a chunk that cannot be read.
+    fn read_into(
+        &self,
+        from: u64,
+        limit: usize,
+        out: &mut Vec<QueuedCall>,
+    ) -> Result<Option<Damaged>, QueueError> {
+        let inner = &self.inner;
+        let end = inner
+            .inserted_end
+            .load(Ordering::SeqCst)
+            .min(inner.commit.durable_end());
+        if from >= end || out.len() >= limit {
+            return Ok(None);
+        }
+        // Start at the chunk that holds `from`, if one does.
+        let holding = inner
+            .tree
+            .range(chunk_key(0, 0)..=chunk_key(from, u32::MAX))
+            .next_back()
+            .transpose()?
+            .map(|(key, _)| decode_chunk_key(&key))
+            .transpose()?
+            .filter(|chunk| chunk.end() > from);
+        let start = holding.map_or(from, |chunk| chunk.first);
+        let books = inner.books.lock().expect("books lock");
+        for item in inner.tree.range(chunk_key(start, 0)..chunk_key(end, 0)) {
+            let (key, value) = item?;
+            let mut chunk = decode_chunk_key(&key)?;
+            chunk.stored_bytes = value.len() as u64 + KEY_OVERHEAD;
+            let records = match record::decode_chunk(&value) {
+                Ok(records) if records.len() == chunk.count as usize => records,
+                Ok(_) => {
+                    return Ok(Some(Damaged::new(
+                        chunk,
+                        &value,
+                        "call count differs from its key",
+                    )))
+                }
+                Err(e) => return Ok(Some(Damaged::new(chunk, &value, &e.to_string()))),
+            };
+            for (index, bytes) in records.into_iter().enumerate() {
+                let id = chunk.first + index as u64;
+                if id < from || books.is_done(chunk.first, index) {
+                    continue;
+                }
+                match record::decode_call(bytes) {
+                    Ok(record) => out.push(QueuedCall { id, record, chunk }),
+                    Err(e) => {
+                        // Drop what this chunk gave: it goes to quarantine whole.
+                        out.retain(|c| c.chunk.first != chunk.first);
+                        return Ok(Some(Damaged::new(chunk, &value, &e.to_string())));
+                    }
+                }
+                if out.len() >= limit {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(None)
     }
 
-    /// Removes delivered calls in one atomic step and gives their bytes back to the limit.
-    pub fn remove(&self, calls: &[QueuedCall]) -> Result<(), QueueError> {
-        let mut batch = sled::Batch::default();
-        for call in calls {
-            batch.remove(&call.id.to_be_bytes());
-        }
-        self.inner.calls.apply_batch(batch)?;
-        let freed: u64 = calls.iter().map(|c| c.stored_bytes).sum();
-        self.inner.stored_bytes.fetch_sub(freed, Ordering::SeqCst);
-        self.inner.commit.mark_dirty();
+    /// Moves a chunk that cannot be read out of the queue, atomically, into the `quarantine`
+    /// tree (same key, its bytes and the reason), for an operator to inspect; its pending
+    /// calls count as dead, reason `quarantined`.
+    fn quarantine(&self, damaged: Damaged) -> Result<(), QueueError> {
+        use sled::transaction::ConflictableTransactionError;
+        use sled::Transactional;
+        let inner = &self.inner;
+        let chunk = damaged.chunk;
+        tracing::error!(
+            first_id = chunk.first,
+            calls = chunk.count,
+            reason = %damaged.reason,
+            "unreadable queued chunk moved to quarantine"
+        );
+        let quarantine = inner.db.open_tree(QUARANTINE_TREE)?;
+        let mut books = inner.books.lock().expect("books lock");
+        let lost = u64::from(chunk.count) - books.done_in(chunk.first);
+        let mut counters = books.counters.clone();
+        *counters.dead.entry("quarantined".into()).or_default() += lost;
+        counters.next_id_floor = counters.next_id_floor.max(chunk.end());
+        let ledger = encode_counters(&counters)?;
+        let key = chunk_key(chunk.first, chunk.count);
+        let mut entry = Vec::with_capacity(damaged.reason.len() + 1 + damaged.value.len());
+        entry.extend_from_slice(damaged.reason.as_bytes());
+        entry.push(b'\n');
+        entry.extend_from_slice(&damaged.value);
+        (&inner.tree, &quarantine)
+            .transaction(|(tree, quarantine)| {
+                tree.remove(&key[..])?;
+                tree.remove(&done_key(chunk.first)[..])?;
+                tree.insert(LEDGER_KEY, ledger.as_slice())?;
+                quarantine.insert(&key[..], entry.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
+        books.done.remove(&chunk.first);
+        books.counters = counters;
+        inner
+            .stored_bytes
+            .fetch_add(entry.len() as u64 + KEY_OVERHEAD, Ordering::SeqCst);
+        inner
+            .stored_bytes
+            .fetch_sub(chunk.stored_bytes, Ordering::SeqCst);
+        inner.commit.mark_dirty();
         Ok(())
     }
 
-    /// Moves calls from the queue to the dead-letter store in one atomic step: after a crash
-    /// each call is in exactly one of the two.
+    /// Marks delivered calls done, and removes the chunks left with nothing pending, in one
+    /// atomic step with the counters.
+    pub fn remove(&self, calls: &[QueuedCall]) -> Result<(), QueueError> {
+        let inner = &self.inner;
+        let mut books = inner.books.lock().expect("books lock");
+        let settlement = books.settle(calls);
+        let mut counters = books.counters.clone();
+        counters.delivered += settlement.newly_done.len() as u64;
+        let mut batch = sled::Batch::default();
+        settle_into(&settlement, &mut counters, |key, value| match value {
+            Some(value) => batch.insert(key, value),
+            None => batch.remove(key),
+        });
+        batch.insert(LEDGER_KEY, encode_counters(&counters)?);
+        inner.tree.apply_batch(batch)?;
+        books.apply(&settlement, counters);
+        inner
+            .stored_bytes
+            .fetch_sub(settlement.freed_bytes(), Ordering::SeqCst);
+        inner.commit.mark_dirty();
+        Ok(())
+    }
+
+    /// Moves calls from the queue to the dead-letter store in one atomic step with the
+    /// counters: after a crash each call is in exactly one of the two.
     pub fn dead_letter(&self, calls: &[QueuedCall], reason: &DeadReason) -> Result<(), QueueError> {
         use sled::transaction::ConflictableTransactionError;
         use sled::Transactional;
+        let inner = &self.inner;
         let now_ms = crate::clock::unix_ms(std::time::SystemTime::now());
-        let mut moves = Vec::with_capacity(calls.len());
-        for call in calls {
+        let mut books = inner.books.lock().expect("books lock");
+        let settlement = books.settle(calls);
+        let mut letters = Vec::with_capacity(settlement.newly_done.len());
+        for &i in &settlement.newly_done {
+            let call = &calls[i];
             let record = DeadRecord {
                 version: record::FORMAT_VERSION,
                 queue_id: call.id,
@@ -458,24 +560,57 @@ impl Queue {
             };
             let value =
                 serde_json::to_vec(&record).map_err(|e| QueueError::Storage(e.to_string()))?;
-            moves.push((call.id, self.inner.db.generate_id()?, value));
+            letters.push((inner.db.generate_id()?.to_be_bytes(), value));
         }
-        let added: u64 = moves.iter().map(|(_, _, v)| v.len() as u64 + KEY_LEN).sum();
-        (&self.inner.calls, &self.inner.dead)
-            .transaction(|(calls, dead)| {
-                for (queue_id, dead_id, value) in &moves {
-                    calls.remove(&queue_id.to_be_bytes())?;
-                    dead.insert(&dead_id.to_be_bytes(), value.as_slice())?;
+        let mut counters = books.counters.clone();
+        *counters.dead.entry(reason.reason.to_owned()).or_default() +=
+            settlement.newly_done.len() as u64;
+        let mut writes = Vec::new();
+        settle_into(&settlement, &mut counters, |key, value| {
+            writes.push((key, value))
+        });
+        let ledger = encode_counters(&counters)?;
+        (&inner.tree, &inner.dead)
+            .transaction(|(tree, dead)| {
+                for (key, value) in &writes {
+                    match value {
+                        Some(value) => tree.insert(key.as_slice(), value.as_slice())?,
+                        None => tree.remove(key.as_slice())?,
+                    };
+                }
+                tree.insert(LEDGER_KEY, ledger.as_slice())?;
+                for (id, value) in &letters {
+                    dead.insert(&id[..], value.as_slice())?;
                 }
                 Ok::<_, ConflictableTransactionError<()>>(())
             })
             .map_err(transaction_error)?;
-        let freed: u64 = calls.iter().map(|c| c.stored_bytes).sum();
+        books.apply(&settlement, counters);
+        let added: u64 = letters
+            .iter()
+            .map(|(_, v)| v.len() as u64 + KEY_OVERHEAD)
+            .sum();
         // Dead letters still count against the limit, as they still take disk.
-        self.inner.stored_bytes.fetch_add(added, Ordering::SeqCst);
-        self.inner.stored_bytes.fetch_sub(freed, Ordering::SeqCst);
-        self.inner.commit.mark_dirty();
+        inner.stored_bytes.fetch_add(added, Ordering::SeqCst);
+        inner
+            .stored_bytes
+            .fetch_sub(settlement.freed_bytes(), Ordering::SeqCst);
+        inner.commit.mark_dirty();
         Ok(())
+    }
+
+    /// Every call's fate so far.
+    pub fn counts(&self) -> Counts {
+        let books = self.inner.books.lock().expect("books lock");
+        let accepted = self.inner.inserted_end.load(Ordering::SeqCst);
+        let counters = &books.counters;
+        Counts {
+            accepted,
+            delivered: counters.delivered,
+            dead: counters.dead.clone(),
+            pending: accepted - counters.delivered - counters.dead_total(),
+            rejected: self.inner.rejected_count.load(Ordering::SeqCst),
+        }
     }
 
     /// The dead letters, oldest first.
@@ -504,11 +639,12 @@ impl Queue {
         read_json_tree(&self.inner.rejected, "rejected record")
     }
 
-    /// Makes everything inserted so far durable, then stops the committer. Appends after
-    /// this fail; reads still work.
+    /// Makes everything written so far durable, then stops the appender and the committer.
+    /// Appends after this fail; reads still work.
     pub async fn close(&self) -> Result<(), QueueError> {
         let inner = &self.inner;
         inner.closed.store(true, Ordering::SeqCst);
+        inner.appender.close().await;
         let result = inner.commit.durable().await;
         inner.commit.stop();
         let committer = inner.committer.lock().expect("committer lock").take();
@@ -527,29 +663,95 @@ impl Queue {
     }
 }
 
-impl Inner {
-    fn begin_insert(&self, count: u64) -> u64 {
-        let mut seq = self.sequencer.lock().expect("sequencer lock");
-        let first = seq.next;
-        seq.next += count;
-        seq.inserting.insert(first);
-        first
-    }
+/// A chunk that could not be read, on its way to quarantine.
+struct Damaged {
+    chunk: ChunkRef,
+    value: Vec<u8>,
+    reason: String,
+}
 
-    fn end_insert(&self, first: u64) {
-        self.sequencer
-            .lock()
-            .expect("sequencer lock")
-            .inserting
-            .remove(&first);
+impl Damaged {
+    fn new(chunk: ChunkRef, value: &[u8], reason: &str) -> Damaged {
+        Damaged {
+            chunk,
+            value: value.to_vec(),
+            reason: reason.to_owned(),
+        }
     }
+}
 
-    fn readable_end(&self) -> u64 {
-        self.sequencer
-            .lock()
-            .expect("sequencer lock")
-            .readable_end()
+/// The writes a settlement makes in the queue tree (`None`: remove the key), and the id
+/// floor it moves.
+fn settle_into(
+    settlement: &Settlement,
+    counters: &mut Counters,
+    mut write: impl FnMut(Vec<u8>, Option<Vec<u8>>),
+) {
+    for (first, bits) in &settlement.partly_done {
+        write(done_key(*first).to_vec(), Some(ledger::encode_bits(bits)));
     }
+    for chunk in &settlement.finished {
+        write(chunk_key(chunk.first, chunk.count).to_vec(), None);
+        write(done_key(chunk.first).to_vec(), None);
+        counters.next_id_floor = counters.next_id_floor.max(chunk.end());
+    }
+}
+
+/// The counters and the done-bits as stored.
+fn read_books(tree: &sled::Tree) -> Result<Books, QueueError> {
+    let counters = match tree.get(LEDGER_KEY)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| QueueError::Storage(format!("damaged queue counters: {e}")))?,
+        None => Counters::default(),
+    };
+    let mut books = Books {
+        counters,
+        ..Books::default()
+    };
+    for item in tree.scan_prefix([DONE_PREFIX]) {
+        let (key, bits) = item?;
+        let first = key
+            .get(1..9)
+            .and_then(|id| <[u8; 8]>::try_from(id).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| QueueError::Storage("damaged done-bits key".into()))?;
+        books.done.insert(first, ledger::decode_bits(&bits));
+    }
+    Ok(books)
+}
+
+fn encode_counters(counters: &Counters) -> Result<Vec<u8>, QueueError> {
+    serde_json::to_vec(counters).map_err(|e| QueueError::Storage(e.to_string()))
+}
+
+/// A chunk's key: its first id, then its call count, so that key order is id order.
+pub(crate) fn chunk_key(first: u64, count: u32) -> [u8; 13] {
+    let mut key = [0u8; 13];
+    key[0] = CHUNK_PREFIX;
+    key[1..9].copy_from_slice(&first.to_be_bytes());
+    key[9..].copy_from_slice(&count.to_be_bytes());
+    key
+}
+
+fn decode_chunk_key(key: &[u8]) -> Result<ChunkRef, QueueError> {
+    match key {
+        [CHUNK_PREFIX, first @ .., c0, c1, c2, c3] if first.len() == 8 => Ok(ChunkRef {
+            first: u64::from_be_bytes(first.try_into().expect("8 bytes")),
+            count: u32::from_be_bytes([*c0, *c1, *c2, *c3]),
+            stored_bytes: 0,
+        }),
+        _ => Err(QueueError::Storage(format!(
+            "queue key of {} bytes is not a chunk key",
+            key.len()
+        ))),
+    }
+}
+
+fn done_key(first: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = DONE_PREFIX;
+    key[1..].copy_from_slice(&first.to_be_bytes());
+    key
 }
 
 /// A call as JSON for a dead letter; bytes that are not JSON (a damaged record) are kept as
@@ -595,7 +797,7 @@ fn stored_bytes_at_open(meta: &sled::Tree, trees: [&sled::Tree; 3]) -> Result<u6
     let mut stored = 0;
     for tree in trees {
         for value in tree.iter().values() {
-            stored += value?.len() as u64 + KEY_LEN;
+            stored += value?.len() as u64 + KEY_OVERHEAD;
         }
     }
     Ok(stored)
@@ -628,10 +830,4 @@ fn transaction_error(e: sled::transaction::TransactionError<()>) -> QueueError {
 
 fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DB_DIR)
-}
-
-fn decode_key(key: &[u8]) -> Result<u64, QueueError> {
-    key.try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| QueueError::Storage(format!("queue key of {} bytes", key.len())))
 }

