@@ -94,6 +94,8 @@ struct IngestRow {
     /// requests/s as a fraction of the baseline's in the same configuration.
     ratio: f64,
     rss_mb: f64,
+    /// The server's CPU time (user + system, all threads) per request, in microseconds.
+    cpu_us_per_request: f64,
 }
 
 #[derive(Serialize)]
@@ -204,7 +206,9 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                 // The baseline first, then each mode, back to back in the same conditions.
                 let baseline = servers::start_baseline(placement, dir);
                 let target = target_of(transport, &baseline);
+                let cpu_before = baseline.cpu_seconds();
                 let base = load::run(target, *shape, conns, warmup, duration).await;
+                let cpu = baseline.cpu_seconds() - cpu_before;
                 let base_rps = base.requests_per_sec();
                 rows.push(row(
                     "baseline",
@@ -213,7 +217,11 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                     conns,
                     &base,
                     base_rps,
-                    baseline.rss().0,
+                    Usage {
+                        rss: baseline.rss().0,
+                        cpu_seconds_per_request: cpu
+                            / (base_rps * (warmup + duration).as_secs_f64()),
+                    },
                 ));
                 baseline.stop();
                 for mode in &cli.modes {
@@ -227,6 +235,7 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                         &sink.url(),
                         &["--durability", mode, "--max-queue-bytes", "20000000000"],
                     );
+                    let cpu_before = server.cpu_seconds();
                     let result = load::run(
                         target_of(transport, &server),
                         *shape,
@@ -236,6 +245,8 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                     )
                     .await;
                     let rss = server.rss().0;
+                    let cpu = server.cpu_seconds() - cpu_before;
+                    let rps = result.requests_per_sec();
                     rows.push(row(
                         &format!("grouprelay {mode}"),
                         transport,
@@ -243,7 +254,11 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                         conns,
                         &result,
                         base_rps,
-                        rss,
+                        Usage {
+                            rss,
+                            cpu_seconds_per_request: cpu
+                                / (rps * (warmup + duration).as_secs_f64()),
+                        },
                     ));
                     server.stop();
                     let _ = std::fs::remove_dir_all(&data);
@@ -263,6 +278,12 @@ fn target_of(transport: &str, server: &servers::Server) -> Target {
     }
 }
 
+/// What a server used during a load run.
+struct Usage {
+    rss: u64,
+    cpu_seconds_per_request: f64,
+}
+
 fn row(
     server: &str,
     transport: &str,
@@ -270,7 +291,7 @@ fn row(
     conns: usize,
     r: &load::LoadResult,
     base_rps: f64,
-    rss: u64,
+    usage: Usage,
 ) -> IngestRow {
     IngestRow {
         server: server.into(),
@@ -284,7 +305,8 @@ fn row(
         p999_ms: r.ms(0.999),
         errors: r.errors,
         ratio: r.requests_per_sec() / base_rps,
-        rss_mb: mb(rss),
+        rss_mb: mb(usage.rss),
+        cpu_us_per_request: usage.cpu_seconds_per_request * 1e6,
     }
 }
 
@@ -448,13 +470,13 @@ fn print_report(report: &Report) {
     if !report.ingest.is_empty() {
         println!();
         println!(
-            "| server | transport | shape | conns | req/s | calls/s | p50 ms | p99 ms | p99.9 ms | x baseline | errors | RSS MB |"
+            "| server | transport | shape | conns | req/s | calls/s | p50 ms | p99 ms | p99.9 ms | x baseline | errors | RSS MB | server CPU µs/req |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &report.ingest {
             println!(
-                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} |",
-                r.server, r.transport, r.shape, r.conns, r.requests_per_sec, r.calls_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.ratio, r.errors, r.rss_mb
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {:.1} |",
+                r.server, r.transport, r.shape, r.conns, r.requests_per_sec, r.calls_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.ratio, r.errors, r.rss_mb, r.cpu_us_per_request
             );
         }
     }

@@ -61,6 +61,21 @@ impl Server {
         (field("VmRSS:"), field("VmHWM:"))
     }
 
+    /// CPU time (user + system) the server has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let ticks: u64 = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum();
+        ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
     pub fn stop(mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
@@ -124,8 +139,10 @@ pub fn start_grouprelay(
         .expect("start grouprelay");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut tcp = None;
+    let mut said = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
+        said.push(line.clone());
         if let Some(rest) = line.split("listening on http://").nth(1) {
             tcp = Some(rest.trim().parse().unwrap());
         }
@@ -133,13 +150,16 @@ pub fn start_grouprelay(
             break;
         }
     }
+    let Some(tcp) = tcp else {
+        panic!(
+            "grouprelay did not start ({:?}):\n{}",
+            child.wait(),
+            said.join("\n")
+        )
+    };
     // Keep draining stderr so the daemon never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Server {
-        child,
-        tcp: tcp.expect("grouprelay did not start"),
-        unix,
-    }
+    Server { child, tcp, unix }
 }
 
 /// The baseline server: reads each body and answers `200 {"success":true}`, persisting nothing.

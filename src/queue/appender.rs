@@ -1,19 +1,19 @@
-//! The appender: the one thread that writes calls into the queue, packing the calls of
-//! every request waiting at that moment into a few chunks.
+//! The appender: packs the calls of every request waiting at one moment into a few chunks
+//! and writes them with one sled operation.
 //!
-//! Requests hand their encoded records over a channel and wait for the answer. The thread
-//! takes everything queued up (up to [`ROUND_BYTES`]), packs it into chunks of at most
-//! [`CHUNK_BYTES`] and writes them in one sled operation: a single `insert` when one chunk
-//! holds the round, else one atomic `apply_batch`. So the calls of a request are stored all
-//! together or not at all, ids follow arrival order, and 64 concurrent requests cost a few
-//! sled writes instead of 64.
+//! There is no writer thread to hand work to (each hand-off between threads costs a wake-up,
+//! which measured more than the write itself). A request puts its records on the pending
+//! list; if no one is writing, it becomes the writer and writes rounds until the list is
+//! empty, the calls of requests that arrived meanwhile included. A round takes everything
+//! pending, packs it into chunks of at most [`CHUNK_BYTES`] and writes
+//! them: a single `insert` when one chunk holds the round, else one atomic `apply_batch`. So
+//! the calls of a request are stored all together or not at all, ids follow arrival order,
+//! and 64 concurrent requests cost a few sled writes instead of 64.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use super::commit::GroupCommit;
 use super::record::{self, CHUNK_ENTRY_OVERHEAD, CHUNK_HEADER_LEN};
@@ -23,17 +23,10 @@ use super::{chunk_key, Durability, QueueError, KEY_OVERHEAD};
 /// message over a quarter of a 512 KiB segment as a separate *blob* file; 17 chunks of this
 /// size stay under that, so chunks live in sled's log like any small value.
 pub const CHUNK_BYTES: usize = 7_000;
-/// Most record bytes written in one round; the rest waits for the next.
-const ROUND_BYTES: usize = 4 << 20;
 
-enum Job {
-    Append {
-        records: Vec<Vec<u8>>,
-        reply: oneshot::Sender<Result<(), QueueError>>,
-    },
-    /// Answered once every append sent before it is written; later ones are refused.
-    Close(oneshot::Sender<()>),
-}
+/// Rounds one writer writes before it hands the rest to a fresh task, so that its own
+/// request is not held up behind a steady stream of others.
+const ROUNDS_PER_WRITER: usize = 8;
 
 /// What the appender writes into, shared with the queue.
 pub(crate) struct Target {
@@ -47,74 +40,95 @@ pub(crate) struct Target {
     pub durability: Durability,
 }
 
+struct Pending {
+    round: Round,
+    /// Someone is writing: new requests only join the list.
+    writing: bool,
+    /// Set by `close`: appends are refused.
+    closed: bool,
+}
+
 pub(crate) struct Appender {
-    jobs: mpsc::Sender<Job>,
-    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    pending: Mutex<Pending>,
+    /// Only the current writer takes it.
+    target: Mutex<Target>,
+    /// Woken when a writer finds the list empty and stops.
+    idle: Notify,
 }
 
 impl Appender {
-    pub fn start(target: Target) -> Result<Appender, QueueError> {
-        let (jobs, receiver) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("grouprelay-appender".into())
-            .spawn(move || run(receiver, target))
-            .map_err(|e| QueueError::Storage(format!("cannot start the appender: {e}")))?;
-        Ok(Appender {
-            jobs,
-            thread: std::sync::Mutex::new(Some(thread)),
-        })
+    pub fn start(target: Target) -> Result<Arc<Appender>, QueueError> {
+        Ok(Arc::new(Appender {
+            pending: Mutex::new(Pending {
+                round: Vec::new(),
+                writing: false,
+                closed: false,
+            }),
+            target: Mutex::new(target),
+            idle: Notify::new(),
+        }))
     }
 
     /// Writes the records (not yet durable: the caller waits for that).
-    pub async fn append(&self, records: Vec<Vec<u8>>) -> Result<(), QueueError> {
+    pub async fn append(self: &Arc<Self>, records: Vec<Vec<u8>>) -> Result<(), QueueError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .send(Job::Append { records, reply })
-            .map_err(|_| closed())?;
+        let lead = {
+            let mut pending = self.pending.lock().expect("appender lock");
+            if pending.closed {
+                return Err(closed());
+            }
+            pending.round.push((records, reply));
+            !std::mem::replace(&mut pending.writing, true)
+        };
+        if lead {
+            self.write_rounds();
+        }
         answer.await.map_err(|_| closed())?
     }
 
-    /// Writes every append sent before, refuses those after, and ends the thread (so that
-    /// its handle on the database is gone when this returns).
-    pub async fn close(&self) {
-        let (reply, answer) = oneshot::channel();
-        if self.jobs.send(Job::Close(reply)).is_ok() {
-            let _ = answer.await;
+    /// Writes rounds until nothing is pending, or hands on to a new task after
+    /// [`ROUNDS_PER_WRITER`].
+    fn write_rounds(self: &Arc<Self>) {
+        for _ in 0..ROUNDS_PER_WRITER {
+            let round = {
+                let mut pending = self.pending.lock().expect("appender lock");
+                if pending.round.is_empty() {
+                    pending.writing = false;
+                    drop(pending);
+                    self.idle.notify_waiters();
+                    return;
+                }
+                std::mem::take(&mut pending.round)
+            };
+            self.target
+                .lock()
+                .expect("appender target lock")
+                .write(round);
         }
-        let thread = self.thread.lock().expect("appender lock").take();
-        if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        let next = self.clone();
+        tokio::spawn(async move { next.write_rounds() });
+    }
+
+    /// Refuses appends from now on and waits until every one already pending is written.
+    pub async fn close(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            {
+                let mut pending = self.pending.lock().expect("appender lock");
+                pending.closed = true;
+                if !pending.writing {
+                    return;
+                }
+            }
+            idle.await;
         }
     }
 }
 
 fn closed() -> QueueError {
     QueueError::Storage("the queue is closed".into())
-}
-
-fn run(jobs: mpsc::Receiver<Job>, mut target: Target) {
-    while let Ok(first) = jobs.recv() {
-        let mut round = Vec::new();
-        let mut bytes = 0;
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            match job {
-                Job::Append { records, reply } => {
-                    bytes += records.iter().map(Vec::len).sum::<usize>();
-                    round.push((records, reply));
-                }
-                Job::Close(reply) => {
-                    target.write(round);
-                    let _ = reply.send(());
-                    return;
-                }
-            }
-            if bytes < ROUND_BYTES {
-                next = jobs.try_recv().ok();
-            }
-        }
-        target.write(round);
-    }
 }
 
 type Round = Vec<(Vec<Vec<u8>>, oneshot::Sender<Result<(), QueueError>>)>;

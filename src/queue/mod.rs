@@ -208,7 +208,7 @@ struct Inner {
     free_space: FreeSpace,
     /// One past the last call id written (not necessarily durable yet).
     inserted_end: Arc<AtomicU64>,
-    appender: Appender,
+    appender: Arc<Appender>,
     /// Counters and done-bits; also serialises the delivery side's writes.
     books: Mutex<Books>,
     rejected_count: AtomicU64,

@@ -68,7 +68,8 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // grouprelay: one job needs one worker; notify_all woke every idle thread per job.
+        self.cv.notify_one();
 
         len
     }
