@@ -103,6 +103,24 @@ pub struct Settings {
     #[arg(long, value_name = "N", env = "GROUPRELAY_DRAIN_TIMEOUT_MS")]
     pub drain_timeout_ms: Option<u64>,
 
+    /// Only these writeKeys are accepted; calls for any other get 403. Comma-separated (never logged) [default: any key]
+    #[arg(
+        long,
+        value_name = "KEYS",
+        env = "GROUPRELAY_ALLOWED_WRITE_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub allowed_write_keys: Option<Vec<String>>,
+
+    /// A client must send a request's headers within this time, in ms [default: 10000]
+    #[arg(long, value_name = "N", env = "GROUPRELAY_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+
+    /// Most client connections open at once; further ones wait in the listen backlog [default: 10000]
+    #[arg(long, value_name = "N", env = "GROUPRELAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// TOML file with the same keys as these flags
     #[arg(long, value_name = "FILE", env = "GROUPRELAY_CONFIG")]
     #[serde(skip)]
@@ -130,6 +148,10 @@ pub struct Config {
     pub retry_max_interval: Duration,
     pub max_age: Duration,
     pub drain_timeout: Duration,
+    /// `None`: any writeKey.
+    pub allowed_write_keys: Option<std::collections::HashSet<String>>,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
 }
 
 /// Upstream takes at most this many calls per batch (more are silently dropped).
@@ -203,6 +225,9 @@ impl Settings {
             retry_max_interval_ms: self.retry_max_interval_ms.or(lower.retry_max_interval_ms),
             max_age: self.max_age.or(lower.max_age),
             drain_timeout_ms: self.drain_timeout_ms.or(lower.drain_timeout_ms),
+            allowed_write_keys: self.allowed_write_keys.or(lower.allowed_write_keys),
+            header_read_timeout_ms: self.header_read_timeout_ms.or(lower.header_read_timeout_ms),
+            max_connections: self.max_connections.or(lower.max_connections),
             config: self.config.or(lower.config),
         }
     }
@@ -317,6 +342,36 @@ impl Config {
             })?,
         };
         let drain_timeout_ms = s.drain_timeout_ms.unwrap_or(5_000);
+        let allowed_write_keys = match s.allowed_write_keys {
+            None => None,
+            Some(keys) => {
+                let keys: std::collections::HashSet<String> = keys
+                    .into_iter()
+                    .map(|k| k.trim().to_owned())
+                    .filter(|k| !k.is_empty())
+                    .collect();
+                if keys.is_empty() {
+                    return Err(ConfigError::new(
+                        "--allowed-write-keys",
+                        "lists no key (leave it out to accept any key)",
+                    ));
+                }
+                if write_key.as_ref().is_some_and(|k| !keys.contains(k)) {
+                    return Err(ConfigError::new(
+                        "--write-key",
+                        "is not in --allowed-write-keys",
+                    ));
+                }
+                Some(keys)
+            }
+        };
+        let header_read_timeout_ms =
+            positive("--header-read-timeout-ms", s.header_read_timeout_ms, 10_000)?;
+        let max_connections = positive(
+            "--max-connections",
+            s.max_connections.map(|n| n as u64),
+            10_000,
+        )? as usize;
         let data_dir = match s.data_dir {
             Some(dir) => dir,
             None => default_data_dir().ok_or_else(|| {
@@ -346,6 +401,9 @@ impl Config {
             retry_max_interval: Duration::from_millis(retry_max_interval_ms),
             max_age,
             drain_timeout: Duration::from_millis(drain_timeout_ms),
+            allowed_write_keys,
+            header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+            max_connections,
         })
     }
 }

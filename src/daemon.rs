@@ -7,7 +7,7 @@ use crate::forward::upstream::Upstream;
 use crate::forward::{ForwardSettings, Forwarder};
 use crate::ingest::Ingest;
 use crate::queue::{Queue, QueueOptions};
-use crate::server::{self, Listener};
+use crate::server::{self, Listener, ServerSettings};
 use crate::shutdown::{self, Shutdown};
 
 /// Why the daemon could not run.
@@ -87,12 +87,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     }
 
     tracing::info!("grouprelay ready");
-    let ingest = Arc::new(Ingest::new(
-        queue.clone(),
-        config.write_key.clone(),
-        config.max_body_bytes,
-    ));
-    server::run(listeners, ingest, shutdown).await;
+    let ingest = Arc::new(Ingest::new(queue.clone(), &config));
+    let settings = ServerSettings {
+        header_read_timeout: config.header_read_timeout,
+        max_connections: config.max_connections,
+    };
+    server::run(listeners, ingest, settings, shutdown).await;
     tracing::info!("listeners stopped");
     stop_forwarding.fire();
     if let Err(e) = forwarding.await {

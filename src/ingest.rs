@@ -6,6 +6,7 @@
 //! JSON body `{"success":false,"code":...,"message":...}` with the status the official
 //! clients treat correctly (`shared/spec/http-api.md`, "Responses").
 
+use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::io::Read;
 use std::time::{Duration, SystemTime};
@@ -22,6 +23,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use crate::clock;
+use crate::config::Config;
 use crate::queue::{Queue, QueueError};
 use crate::spec::{self, Endpoint, Receipt};
 
@@ -36,6 +38,8 @@ const MAX_WRITE_KEY_BYTES: usize = 1024;
 pub struct Ingest {
     queue: Queue,
     default_write_key: Option<String>,
+    /// `None`: any writeKey.
+    allowed_write_keys: Option<HashSet<String>>,
     max_body_bytes: usize,
 }
 
@@ -78,19 +82,33 @@ struct RejectedItem<'a> {
     message: &'a str,
 }
 
+/// `GET /stats`: every call's fate, from the queue's durable counters.
+#[derive(Serialize)]
+struct StatsBody {
+    accepted: u64,
+    delivered: u64,
+    dead: BTreeMap<String, u64>,
+    dead_total: u64,
+    pending: u64,
+    rejected: u64,
+    stored_bytes: u64,
+}
+
 /// What a path is for.
 enum Route {
     Health,
+    Stats,
     Calls(Endpoint),
     NotFound,
 }
 
 impl Ingest {
-    pub fn new(queue: Queue, default_write_key: Option<String>, max_body_bytes: usize) -> Ingest {
+    pub fn new(queue: Queue, config: &Config) -> Ingest {
         Ingest {
             queue,
-            default_write_key,
-            max_body_bytes,
+            default_write_key: config.write_key.clone(),
+            allowed_write_keys: config.allowed_write_keys.clone(),
+            max_body_bytes: config.max_body_bytes,
         }
     }
 
@@ -103,11 +121,12 @@ impl Ingest {
             (Route::Health, &Method::GET | &Method::HEAD) => {
                 json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
             }
+            (Route::Stats, &Method::GET | &Method::HEAD) => self.stats(),
             (Route::Calls(endpoint), &Method::POST) => match self.ingest(endpoint, req).await {
                 Ok(response) => response,
                 Err(refusal) => refuse(refusal),
             },
-            (Route::Health, _) => method_not_allowed("GET"),
+            (Route::Health | Route::Stats, _) => method_not_allowed("GET"),
             (Route::Calls(_), _) => method_not_allowed("POST"),
             (Route::NotFound, _) => refuse(Refusal::new(
                 StatusCode::NOT_FOUND,
@@ -116,6 +135,23 @@ impl Ingest {
             )),
         };
         Ok(response)
+    }
+
+    fn stats(&self) -> Response<Full<Bytes>> {
+        let counts = self.queue.counts();
+        let body = StatsBody {
+            accepted: counts.accepted,
+            delivered: counts.delivered,
+            dead_total: counts.dead.values().sum(),
+            dead: counts.dead,
+            pending: counts.pending,
+            rejected: counts.rejected,
+            stored_bytes: self.queue.stored_bytes(),
+        };
+        json(
+            StatusCode::OK,
+            serde_json::to_vec(&body).expect("stats serialize"),
+        )
     }
 
     async fn ingest(
@@ -147,6 +183,17 @@ impl Ingest {
                     "no writeKey: send Basic auth, a writeKey in the body, or start grouprelay with --write-key",
                 )
             })?;
+        if self
+            .allowed_write_keys
+            .as_ref()
+            .is_some_and(|allowed| !allowed.contains(&write_key))
+        {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "write_key_not_allowed",
+                "this writeKey is not in grouprelay's --allowed-write-keys",
+            ));
+        }
         if write_key.len() > MAX_WRITE_KEY_BYTES {
             return Err(Refusal::new(
                 StatusCode::UNAUTHORIZED,
@@ -302,8 +349,10 @@ enum Encoding {
 /// Maps a path to what it is for. Any prefix before `/v1/` is allowed: Node's client lets
 /// users set one (e.g. `/relay/v1/batch`).
 fn route(path: &str) -> Route {
-    if path == "/health" {
-        return Route::Health;
+    match path {
+        "/health" => return Route::Health,
+        "/stats" => return Route::Stats,
+        _ => {}
     }
     let mut segments = path.trim_end_matches('/').rsplit('/');
     match (segments.next(), segments.next()) {
@@ -418,5 +467,6 @@ mod tests {
         assert!(matches!(route("/v2/batch"), Route::NotFound));
         assert!(matches!(route("/v1/nope"), Route::NotFound));
         assert!(matches!(route("/health"), Route::Health));
+        assert!(matches!(route("/stats"), Route::Stats));
     }
 }

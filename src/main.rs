@@ -55,6 +55,7 @@ fn main() -> ExitCode {
     }
     init_tracing();
     limit_malloc_arenas();
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -105,6 +106,24 @@ fn limit_malloc_arenas() {
     // SAFETY: mallopt only sets an allocator tunable; called before any other thread starts.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Each client connection is a file descriptor, and the usual soft limit of 1,024 would cap
+/// a host's connections far below `--max-connections`; the hard limit is what the operator
+/// (or systemd's `LimitNOFILE=`) allows.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 

@@ -16,13 +16,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ListenAddr;
 use crate::ingest::Ingest;
 use crate::shutdown::Shutdown;
 
-/// A client must send its request headers within this time (slow-loris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight requests before dropping their connections.
 const DRAIN_REQUESTS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,20 +77,51 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
     std::fs::remove_file(path)
 }
 
+/// How connections are served.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    /// A client must send a request's headers within this time (slow-loris guard).
+    pub header_read_timeout: Duration,
+    /// Connections open at once, over every listener; past it the accept loops wait, and
+    /// new clients queue in the kernel's listen backlog.
+    pub max_connections: usize,
+}
+
+/// What every accept loop shares.
+struct Shared {
+    ingest: Arc<Ingest>,
+    settings: ServerSettings,
+    connections: Arc<Semaphore>,
+}
+
 /// Serves every listener until `shutdown` fires, then waits for in-flight requests.
-pub async fn run(listeners: Vec<Listener>, ingest: Arc<Ingest>, shutdown: Shutdown) {
+pub async fn run(
+    listeners: Vec<Listener>,
+    ingest: Arc<Ingest>,
+    settings: ServerSettings,
+    shutdown: Shutdown,
+) {
+    let shared = Arc::new(Shared {
+        ingest,
+        settings,
+        connections: Arc::new(Semaphore::new(settings.max_connections)),
+    });
     let tasks: Vec<_> = listeners
         .into_iter()
-        .map(|listener| tokio::spawn(serve(listener, ingest.clone(), shutdown.clone())))
+        .map(|listener| tokio::spawn(serve(listener, shared.clone(), shutdown.clone())))
         .collect();
     for task in tasks {
         let _ = task.await;
     }
 }
 
-async fn serve(listener: Listener, ingest: Arc<Ingest>, mut shutdown: Shutdown) {
+async fn serve(listener: Listener, shared: Arc<Shared>, mut shutdown: Shutdown) {
     let graceful = GracefulShutdown::new();
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.recv() => break,
+            permit = shared.connections.clone().acquire_owned() => permit.expect("never closed"),
+        };
         let accepted = tokio::select! {
             _ = shutdown.recv() => break,
             accepted = accept(&listener) => accepted,
@@ -99,9 +129,9 @@ async fn serve(listener: Listener, ingest: Arc<Ingest>, mut shutdown: Shutdown) 
         match accepted {
             Ok(Stream::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                serve_connection(stream, &ingest, &graceful);
+                serve_connection(stream, &shared, permit, &graceful);
             }
-            Ok(Stream::Unix(stream)) => serve_connection(stream, &ingest, &graceful),
+            Ok(Stream::Unix(stream)) => serve_connection(stream, &shared, permit, &graceful),
             Err(e) => {
                 // Usually EMFILE: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -133,23 +163,28 @@ async fn accept(listener: &Listener) -> io::Result<Stream> {
     }
 }
 
-fn serve_connection<S>(stream: S, ingest: &Arc<Ingest>, graceful: &GracefulShutdown)
-where
+fn serve_connection<S>(
+    stream: S,
+    shared: &Shared,
+    permit: OwnedSemaphorePermit,
+    graceful: &GracefulShutdown,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ingest = ingest.clone();
+    let ingest = shared.ingest.clone();
     let service = service_fn(move |req| {
         let ingest = ingest.clone();
         async move { ingest.handle(req).await }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(shared.settings.header_read_timeout)
         .serve_connection(TokioIo::new(stream), service);
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
+        drop(permit);
     });
 }
