@@ -13,6 +13,7 @@
 //! | [`forward`] | lanes per writeKey, batches upstream, retry with backoff, bisecting refusals |
 //! | [`shutdown`] | the signal every task listens to |
 //! | [`clock`] | timestamps as Segment writes them |
+//! | [`failpoint`] | test hooks: abort at a named point to prove a crash there loses nothing |
 //!
 //! # A call's way through
 //! ```text
@@ -30,6 +31,7 @@
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod failpoint;
 pub mod forward;
 pub mod ingest;
 pub mod queue;

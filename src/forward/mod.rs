@@ -427,6 +427,7 @@ impl Forwarder {
         let last_id = calls.last().map(|c| c.id).unwrap_or(0);
         match outcome {
             Outcome::Delivered => {
+                crate::failpoint::hit("forward-after-delivered");
                 if let Err(e) = self.queue.remove(&calls) {
                     // They were delivered; at worst they are sent again after a restart.
                     tracing::error!(error = %e, "cannot remove delivered calls from the queue");

@@ -175,6 +175,7 @@ impl Target {
         };
         let result = match written {
             Ok(()) => {
+                crate::failpoint::hit("queue-after-write");
                 self.next_id = first;
                 // The requests reserved their records' bytes; the chunks' own overhead is
                 // counted here, so that a removed chunk gives back exactly what it took.

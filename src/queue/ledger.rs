@@ -89,19 +89,28 @@ impl Books {
     }
 
     /// What settling `calls` would change (indexes into `calls` in `newly_done`).
-    pub fn settle(&self, calls: &[QueuedCall]) -> Settlement {
-        let mut chunks: BTreeMap<u64, (ChunkRef, Vec<u64>)> = BTreeMap::new();
+    ///
+    /// `stored` tells whether a chunk with no done-bits is still in the queue: one that is
+    /// not had every call settled already, so its calls are skipped (a call settled twice
+    /// counts once, even after its chunk is gone).
+    pub fn settle(&self, calls: &[QueuedCall], stored: impl Fn(&ChunkRef) -> bool) -> Settlement {
+        let mut chunks: BTreeMap<u64, Option<(ChunkRef, Vec<u64>)>> = BTreeMap::new();
         let mut settlement = Settlement::default();
         for (i, call) in calls.iter().enumerate() {
             let chunk = call.chunk;
-            let (_, bits) = chunks.entry(chunk.first).or_insert_with(|| {
-                let bits = self
-                    .done
-                    .get(&chunk.first)
-                    .cloned()
-                    .unwrap_or_else(|| vec![0; (chunk.count as usize).div_ceil(64)]);
-                (chunk, bits)
-            });
+            let entry =
+                chunks
+                    .entry(chunk.first)
+                    .or_insert_with(|| match self.done.get(&chunk.first) {
+                        Some(bits) => Some((chunk, bits.clone())),
+                        None if stored(&chunk) => {
+                            Some((chunk, vec![0; (chunk.count as usize).div_ceil(64)]))
+                        }
+                        None => None,
+                    });
+            let Some((_, bits)) = entry else {
+                continue;
+            };
             let index = (call.id - chunk.first) as usize;
             let (word, bit) = (index / 64, 1u64 << (index % 64));
             if bits[word] & bit == 0 {
@@ -109,7 +118,10 @@ impl Books {
                 settlement.newly_done.push(i);
             }
         }
-        for (first, (chunk, bits)) in chunks {
+        for (first, (chunk, bits)) in chunks
+            .into_iter()
+            .filter_map(|(first, entry)| entry.map(|e| (first, e)))
+        {
             let done: u32 = bits.iter().map(|w| w.count_ones()).sum();
             if done == chunk.count {
                 settlement.finished.push(chunk);

@@ -516,7 +516,11 @@ impl Queue {
     pub fn remove(&self, calls: &[QueuedCall]) -> Result<(), QueueError> {
         let inner = &self.inner;
         let mut books = inner.books.lock().expect("books lock");
-        let settlement = books.settle(calls);
+        let gone = inner.gone_chunks(&books, calls)?;
+        let settlement = books.settle(calls, |chunk| !gone.contains(&chunk.first));
+        if settlement.newly_done.is_empty() {
+            return Ok(());
+        }
         let mut counters = books.counters.clone();
         counters.delivered += settlement.newly_done.len() as u64;
         let mut batch = sled::Batch::default();
@@ -542,7 +546,11 @@ impl Queue {
         let inner = &self.inner;
         let now_ms = crate::clock::unix_ms(std::time::SystemTime::now());
         let mut books = inner.books.lock().expect("books lock");
-        let settlement = books.settle(calls);
+        let gone = inner.gone_chunks(&books, calls)?;
+        let settlement = books.settle(calls, |chunk| !gone.contains(&chunk.first));
+        if settlement.newly_done.is_empty() {
+            return Ok(());
+        }
         let mut letters = Vec::with_capacity(settlement.newly_done.len());
         for &i in &settlement.newly_done {
             let call = &calls[i];
@@ -660,6 +668,31 @@ impl Queue {
             }
         }
         result.map_err(|e| QueueError::Storage(e.to_string()))
+    }
+}
+
+impl Inner {
+    /// The chunks of `calls` that are no longer in the queue: every call of theirs was
+    /// settled before, so settling them again must change nothing.
+    fn gone_chunks(
+        &self,
+        books: &Books,
+        calls: &[QueuedCall],
+    ) -> Result<std::collections::HashSet<u64>, QueueError> {
+        let mut gone = std::collections::HashSet::new();
+        let mut seen = std::collections::HashSet::new();
+        for chunk in calls.iter().map(|c| c.chunk) {
+            if books.done.contains_key(&chunk.first) || !seen.insert(chunk.first) {
+                continue;
+            }
+            if !self
+                .tree
+                .contains_key(chunk_key(chunk.first, chunk.count))?
+            {
+                gone.insert(chunk.first);
+            }
+        }
+        Ok(gone)
     }
 }
 

@@ -122,6 +122,15 @@ impl Daemon {
         child.wait().unwrap()
     }
 
+    /// Waits for the process to exit by itself (a failpoint's abort, say), off the async
+    /// runtime so that a stand-in upstream on it keeps answering meanwhile.
+    pub async fn wait_exit(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap()
+    }
+
     /// Sends SIGKILL and waits for the process to be gone.
     pub fn kill(mut self) {
         let mut child = self.child.take().unwrap();

@@ -1,0 +1,50 @@
+//! Failure points: named places where a test can make the process abort, to show that a
+//! crash exactly there loses nothing.
+//!
+//! `GROUPRELAY_FAILPOINTS=name[=N],...` arms them: the process aborts (as `kill -9` would stop
+//! it: no destructors, no flush) the Nth time it reaches that point (the first, without `=N`).
+//! Unset, each point costs one load of a set-once value. The points:
+//!
+//! | name | where |
+//! |---|---|
+//! | `queue-after-write` | calls written into sled, before any flush covers them and before the client is answered |
+//! | `forward-after-delivered` | upstream answered 2xx for a batch, before its calls are removed from the queue |
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+struct Armed {
+    name: String,
+    /// Abort when the count of hits reaches this.
+    at: u64,
+    hits: AtomicU64,
+}
+
+fn armed() -> &'static [Armed] {
+    static ARMED: OnceLock<Vec<Armed>> = OnceLock::new();
+    ARMED.get_or_init(|| {
+        std::env::var("GROUPRELAY_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|spec| {
+                let (name, at) = spec.split_once('=').unwrap_or((spec, "1"));
+                Armed {
+                    name: name.trim().to_owned(),
+                    at: at.trim().parse().unwrap_or(1),
+                    hits: AtomicU64::new(0),
+                }
+            })
+            .collect()
+    })
+}
+
+/// Aborts the process if the point `name` is armed and this is its Nth hit.
+pub fn hit(name: &str) {
+    for point in armed() {
+        if point.name == name && point.hits.fetch_add(1, Ordering::SeqCst) + 1 == point.at {
+            eprintln!("grouprelay: failpoint {name} reached; aborting");
+            std::process::abort();
+        }
+    }
+}

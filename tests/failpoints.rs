@@ -1,0 +1,138 @@
+//! Failure points (`src/failpoint.rs`): the daemon aborts exactly between "written" and
+//! "flushed", or between "upstream said 2xx" and "removed from the queue"; neither loses a
+//! call, and the durable counters still balance.
+
+mod common;
+
+use std::collections::HashSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+
+use common::{post, Daemon, Reply, Upstream};
+use grouprelay::queue::{Counts, Queue, QueueOptions};
+
+fn call(id: &str) -> String {
+    format!(r#"{{"type":"group","userId":"u-{id}","groupId":"g","messageId":"{id}"}}"#)
+}
+
+async fn books(data_dir: &Path) -> (Counts, usize) {
+    let queue = Queue::open(QueueOptions::new(data_dir)).expect("open queue");
+    let counts = queue.counts();
+    let pending = queue.read(0, usize::MAX).expect("read").len();
+    queue.close().await.expect("close");
+    let dead: u64 = counts.dead.values().sum();
+    assert_eq!(
+        counts.accepted,
+        counts.delivered + dead + counts.pending,
+        "{counts:?}"
+    );
+    assert_eq!(counts.pending, pending as u64, "{counts:?}");
+    (counts, pending)
+}
+
+/// Delivers what is queued to a stand-in that takes everything, and returns the distinct
+/// messageIds it received.
+async fn deliver_all(data_dir: &Path, upstream: &Upstream, expected: &HashSet<String>) {
+    let daemon = Daemon::start(
+        data_dir,
+        &["--upstream", &upstream.url(), "--flush-interval-ms", "5"],
+    );
+    let expected = expected.clone();
+    upstream
+        .wait_until("the acknowledged calls delivered", move |requests| {
+            let delivered: HashSet<&str> = requests
+                .iter()
+                .filter(|r| (200..300).contains(&r.answered))
+                .flat_map(|r| r.calls())
+                .filter_map(|c| c["messageId"].as_str())
+                .collect();
+            expected.iter().all(|id| delivered.contains(id.as_str()))
+        })
+        .await;
+    assert!(daemon.terminate().success());
+}
+
+fn distinct_delivered(upstream: &Upstream) -> HashSet<String> {
+    upstream
+        .delivered()
+        .iter()
+        .map(|c| c["messageId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_crash_between_written_and_flushed_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with_env(
+        dir.path(),
+        &["--write-key", "K"],
+        &[("GROUPRELAY_FAILPOINTS", "queue-after-write=3")],
+    );
+    let mut acknowledged = HashSet::new();
+    for id in ["a1", "a2"] {
+        let response = daemon
+            .send(&post("/v1/group", None, call(id).as_bytes()))
+            .await;
+        assert_eq!(response.status, 200);
+        acknowledged.insert(id.to_owned());
+    }
+    // The third write reaches the failpoint: the process aborts before answering.
+    let stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let answer = common::exchange(stream, &post("/v1/group", None, call("a3").as_bytes())).await;
+    assert!(
+        answer.is_err(),
+        "the aborted request got an answer: {answer:?}"
+    );
+    let status = daemon.wait_exit().await;
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
+
+    let (counts, _) = books(dir.path()).await;
+    // The unanswered call may or may not have survived; the answered ones must have.
+    assert!((2..=3).contains(&counts.accepted), "{counts:?}");
+    let upstream = Upstream::start(|_| Reply::Status(200)).await;
+    deliver_all(dir.path(), &upstream, &acknowledged).await;
+    let (counts, pending) = books(dir.path()).await;
+    assert_eq!(pending, 0);
+    assert_eq!(distinct_delivered(&upstream).len() as u64, counts.accepted);
+}
+
+#[tokio::test]
+async fn a_crash_between_delivered_and_removed_resends_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start(|_| Reply::Status(200)).await;
+    let ids: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    let batch = format!(
+        r#"{{"batch":[{}]}}"#,
+        ids.iter().map(|id| call(id)).collect::<Vec<_>>().join(",")
+    );
+    let daemon = Daemon::start_with_env(
+        dir.path(),
+        &["--write-key", "K", "--upstream", &upstream.url()],
+        &[("GROUPRELAY_FAILPOINTS", "forward-after-delivered")],
+    );
+    let response = daemon
+        .send(&post("/v1/batch", None, batch.as_bytes()))
+        .await;
+    assert_eq!(response.status, 200);
+    // Upstream takes the batch; the daemon aborts before removing it from the queue.
+    let status = daemon.wait_exit().await;
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
+    assert_eq!(distinct_delivered(&upstream).len(), 10);
+    let (counts, pending) = books(dir.path()).await;
+    assert_eq!((counts.accepted, counts.delivered, pending), (10, 0, 10));
+
+    // After the restart the same calls go again (upstream dedupes by messageId).
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--write-key", "K", "--upstream", &upstream.url()],
+    );
+    upstream.wait_delivered(20).await;
+    assert!(daemon.terminate().success());
+    let again: Vec<String> = upstream.delivered()[10..]
+        .iter()
+        .map(|c| c["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(again, ids, "the same calls, once more, in order");
+    let (counts, pending) = books(dir.path()).await;
+    assert_eq!((counts.delivered, pending), (10, 0));
+}
