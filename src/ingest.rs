@@ -31,6 +31,8 @@ use crate::spec::{self, Endpoint, Receipt};
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a 429 asks the client to wait, in seconds.
 const RETRY_AFTER_SECS: u64 = 5;
+/// Most bytes of request headers (names and values); real clients send well under 1 KiB.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// Longest writeKey accepted; real keys are about 32 characters.
 const MAX_WRITE_KEY_BYTES: usize = 1024;
 
@@ -117,6 +119,18 @@ impl Ingest {
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            return Ok(refuse(Refusal::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!("the request headers take {header_bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"),
+            )));
+        }
         let response = match (route(req.uri().path()), req.method()) {
             (Route::Health, &Method::GET | &Method::HEAD) => {
                 json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())

@@ -22,6 +22,8 @@ use crate::config::ListenAddr;
 use crate::ingest::Ingest;
 use crate::shutdown::Shutdown;
 
+/// The connection's read buffer.
+const MAX_READ_BUFFER: usize = 64 * 1024;
 /// How long shutdown waits for in-flight requests before dropping their connections.
 const DRAIN_REQUESTS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -179,6 +181,9 @@ fn serve_connection<S>(
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.settings.header_read_timeout)
+        // Headers still arriving when the buffer is full get hyper's 431 (bodies stream
+        // through it in pieces); headers read whole are held to a limit in `ingest`.
+        .max_buf_size(MAX_READ_BUFFER)
         .serve_connection(TokioIo::new(stream), service);
     let connection = graceful.watch(connection);
     tokio::spawn(async move {

@@ -19,6 +19,11 @@ pub const MAX_CALL_BYTES: usize = 32 * 1024;
 pub const MAX_CALLS_PER_REQUEST: usize = 2_500;
 /// `messageId` must be shorter than this many characters.
 const MAX_MESSAGE_ID_CHARS: usize = 100;
+/// Deepest nesting of JSON objects and arrays in a body. The spec sets no limit; calls
+/// nest a few levels (a batch, a call, its traits or context, their values), and a body
+/// nested thousands deep is an attack on whoever parses it next (upstream, or an operator's
+/// tools reading the dead letters), not data.
+pub const MAX_JSON_DEPTH: usize = 64;
 
 /// The six Segment call types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +132,35 @@ pub struct Receipt<'a> {
     pub new_message_id: &'a mut dyn FnMut() -> String,
 }
 
+/// Whether brackets outside strings nest deeper than `limit`: one pass, no parsing, so that
+/// it is safe on any input.
+fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Parses, normalises and validates one request body.
 ///
 /// `Err` refuses the whole body (unparseable JSON, a batch that is not an array, or a bad
@@ -138,6 +172,12 @@ pub fn parse_body(
 ) -> Result<Body, Violation> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| Violation::new("invalid_json", "the body is not valid UTF-8"))?;
+    if nesting_exceeds(bytes, MAX_JSON_DEPTH) {
+        return Err(Violation::new(
+            "too_deep",
+            format!("the body nests JSON deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
     let top = Entries::parse(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             Violation::new("invalid_body", "the body must be a JSON object")
@@ -606,5 +646,23 @@ impl<'de> Deserialize<'de> for Key<'de> {
             }
         }
         deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_measured_outside_strings_only() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(!nesting_exceeds(deep(64).as_bytes(), 64));
+        assert!(nesting_exceeds(deep(65).as_bytes(), 64));
+        // Brackets inside strings, escaped quotes included, do not count.
+        let quoted = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(100), "{".repeat(100));
+        assert!(!nesting_exceeds(quoted.as_bytes(), 64));
+        // An escaped backslash ends its string's escape: the `[` after it counts.
+        assert!(nesting_exceeds(br#"{"a":"\\","b":[1]}"#, 1));
+        assert!(!nesting_exceeds(br#"{"a":"\\","b":[1]}"#, 2));
     }
 }

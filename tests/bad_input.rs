@@ -193,6 +193,18 @@ fn assert_error(response: &Response, status: u16, code: &str, what: &str) {
 #[tokio::test]
 async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     let long_id = "m".repeat(100);
+    let ten_thousand = format!(r#"{{"batch":[{}]}}"#, vec![group("u"); 10_000].join(","));
+    let two_mb = vec![b' '; 2 << 20];
+    let nested = format!(
+        r#"{{"batch":[{{"type":"group","userId":"u","groupId":"g","traits":{{"x":{}{}}}}}]}}"#,
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let nested_traits = format!(
+        r#"{{"userId":"u","groupId":"g","traits":{}1{}}}"#,
+        r#"{"a":"#.repeat(10_000),
+        "}".repeat(10_000)
+    );
     let huge_trait = "x".repeat(33 * 1024);
     let mut too_many = String::from(r#"{"batch":["#);
     for i in 0..2_501 {
@@ -579,6 +591,115 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
             "not_found",
         ),
         case("GET /", get("/"), 404, "not_found"),
+        // Hostile shapes.
+        case(
+            "10,000 calls",
+            keyed("/v1/batch", &ten_thousand),
+            400,
+            "too_many_calls",
+        ),
+        case(
+            "userId an array",
+            keyed("/v1/group", r#"{"userId":["u"],"groupId":"g"}"#),
+            400,
+            "missing_user_id",
+        ),
+        case(
+            "userId a boolean",
+            keyed("/v1/group", r#"{"userId":true,"groupId":"g"}"#),
+            400,
+            "missing_user_id",
+        ),
+        case(
+            "anonymousId an object, no userId",
+            keyed("/v1/group", r#"{"anonymousId":{},"groupId":"g"}"#),
+            400,
+            "missing_user_id",
+        ),
+        case(
+            "groupId an object",
+            keyed("/v1/group", r#"{"userId":"u","groupId":{"id":"g"}}"#),
+            400,
+            "missing_group_id",
+        ),
+        case(
+            "groupId an array",
+            keyed("/v1/group", r#"{"userId":"u","groupId":["g"]}"#),
+            400,
+            "missing_group_id",
+        ),
+        case(
+            "groupId a boolean",
+            keyed("/v1/group", r#"{"userId":"u","groupId":false}"#),
+            400,
+            "missing_group_id",
+        ),
+        case(
+            "messageId of 200 chars",
+            keyed(
+                "/v1/group",
+                &format!(
+                    r#"{{"userId":"u","groupId":"g","messageId":"{}"}}"#,
+                    "m".repeat(200)
+                ),
+            ),
+            400,
+            "invalid_message_id",
+        ),
+        case(
+            "2 MB body",
+            post("/v1/batch", Some(KEY), &two_mb),
+            413,
+            "body_too_large",
+        ),
+        case(
+            "body longer than its Content-Length",
+            raw(
+                "POST",
+                "/v1/group",
+                &[basic_auth(), "Content-Length: 20".into()],
+                br#"{"userId":"u","groupId":"g"} and more"#,
+            ),
+            400,
+            "invalid_json",
+        ),
+        case(
+            "malformed chunked body",
+            raw(
+                "POST",
+                "/v1/group",
+                &[basic_auth(), "Transfer-Encoding: chunked".into()],
+                b"zz\r\nabc\r\n0\r\n\r\n",
+            ),
+            400,
+            "invalid_body",
+        ),
+        case(
+            "JSON nested 10,000 deep",
+            keyed("/v1/batch", &nested),
+            400,
+            "too_deep",
+        ),
+        case(
+            "traits nested 10,000 deep",
+            keyed("/v1/group", &nested_traits),
+            400,
+            "too_deep",
+        ),
+        case(
+            "Basic auth that is not base64",
+            raw(
+                "POST",
+                "/v1/group",
+                &[
+                    "Authorization: Basic !!!".into(),
+                    "Content-Length: 2".into(),
+                ],
+                b"{}",
+            ),
+            401,
+            "invalid_authorization",
+        ),
     ];
 
     let dir = tempfile::tempdir().unwrap();
@@ -767,4 +888,73 @@ async fn odd_but_valid_calls_are_accepted() {
     for call in &calls {
         assert_eq!(call["type"], json!("group"));
     }
+}
+
+/// Requests broken at the HTTP level. A body cut short (the client stops sending before its
+/// Content-Length) gets the JSON 400. 100 KB of headers get 431: in one header, grouprelay's
+/// JSON error; as 2,000 headers, hyper's own 431 (past its 100-header parser), which carries
+/// no body, because hyper answers before any request reaches grouprelay's code.
+#[tokio::test]
+async fn broken_http_is_answered_and_harms_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let ok = send(&daemon, &keyed("/v1/group", &group("before"))).await;
+    assert_eq!(ok.status, 200);
+
+    // Body shorter than its Content-Length: the client half-closes after half of it.
+    let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
+    let body = group("short");
+    let head = format!(
+        "POST /v1/group HTTP/1.1\r\nHost: x\r\n{}\r\nContent-Length: {}\r\n\r\n",
+        basic_auth(),
+        body.len() * 2
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 20 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains(r#""code":"invalid_body""#), "{text}");
+
+    // 100 KB of headers.
+    let headers: Vec<String> = (0..2_000)
+        .map(|i| format!("X-Filler-{i}: {}", "a".repeat(40)))
+        .collect();
+    let mut with_headers = headers.clone();
+    with_headers.push(basic_auth());
+    with_headers.push(format!("Content-Length: {}", group("h").len()));
+    let response = send(
+        &daemon,
+        &raw("POST", "/v1/group", &with_headers, group("h").as_bytes()),
+    )
+    .await;
+    assert_eq!(response.status, 431);
+    let one_big = vec![
+        format!("X-Big: {}", "a".repeat(100_000)),
+        basic_auth(),
+        format!("Content-Length: {}", group("h").len()),
+    ];
+    let response = send(
+        &daemon,
+        &raw("POST", "/v1/group", &one_big, group("h").as_bytes()),
+    )
+    .await;
+    assert_error(&response, 431, "headers_too_large", "one 100 KB header");
+
+    let ok = send(&daemon, &keyed("/v1/group", &group("after"))).await;
+    assert_eq!(ok.status, 200);
+    assert!(daemon.terminate().success());
+    let disk = on_disk(dir.path()).await;
+    let users: Vec<Value> = disk
+        .call_json()
+        .iter()
+        .map(|c| c["userId"].clone())
+        .collect();
+    assert_eq!(users, [json!("before"), json!("after")]);
 }
