@@ -115,7 +115,7 @@ impl QueueOptions {
             data_dir: data_dir.into(),
             durability: Durability::Fsync,
             max_bytes: 1 << 30,
-            cache_bytes: 64 << 20,
+            cache_bytes: 16 << 20,
             min_free_bytes: 0,
             sync_interval: Duration::from_millis(200),
         }
