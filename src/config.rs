@@ -121,7 +121,11 @@ pub struct Settings {
     #[arg(long, value_name = "N", env = "GROUPRELAY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
-    /// TOML file with the same keys as these flags
+    /// Log lines as text or json (one JSON object per line) [default: text]
+    #[arg(long, value_name = "FORMAT", env = "GROUPRELAY_LOG_FORMAT")]
+    pub log_format: Option<String>,
+
+    /// TOML file with the same keys as these flags [default: /etc/grouprelay/grouprelay.toml when it exists]
     #[arg(long, value_name = "FILE", env = "GROUPRELAY_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -152,7 +156,20 @@ pub struct Config {
     pub allowed_write_keys: Option<std::collections::HashSet<String>>,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    pub log_format: LogFormat,
 }
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable; coloured on a terminal.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Read when no `--config` is given and the file exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/grouprelay/grouprelay.toml";
 
 /// Upstream takes at most this many calls per batch (more are silently dropped).
 pub const MAX_BATCH_EVENTS: usize = 2_500;
@@ -228,6 +245,7 @@ impl Settings {
             allowed_write_keys: self.allowed_write_keys.or(lower.allowed_write_keys),
             header_read_timeout_ms: self.header_read_timeout_ms.or(lower.header_read_timeout_ms),
             max_connections: self.max_connections.or(lower.max_connections),
+            log_format: self.log_format.or(lower.log_format),
             config: self.config.or(lower.config),
         }
     }
@@ -255,8 +273,10 @@ impl Config {
     /// Resolves flags and environment (`given`, as clap parsed them) over the config file
     /// they name, over the defaults.
     pub fn resolve(given: Settings) -> Result<Config, ConfigError> {
+        let default_file = Path::new(DEFAULT_CONFIG_FILE);
         let settings = match &given.config {
             Some(path) => given.clone().or(Settings::from_file(path)?),
+            None if default_file.exists() => given.or(Settings::from_file(default_file)?),
             None => given,
         };
         Config::from_settings(settings)
@@ -404,6 +424,16 @@ impl Config {
             allowed_write_keys,
             header_read_timeout: Duration::from_millis(header_read_timeout_ms),
             max_connections,
+            log_format: match s.log_format.as_deref() {
+                None | Some("text") => LogFormat::Text,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        "--log-format",
+                        format!("expected \"text\" or \"json\", got {other:?}"),
+                    ))
+                }
+            },
         })
     }
 }

@@ -6,6 +6,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::forward::upstream::Upstream;
 use crate::forward::{ForwardSettings, Forwarder};
 use crate::ingest::Ingest;
+use crate::notify::Notifier;
 use crate::queue::{Queue, QueueOptions};
 use crate::server::{self, Listener, ServerSettings};
 use crate::shutdown::{self, Shutdown};
@@ -87,6 +88,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     }
 
     tracing::info!("grouprelay ready");
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.notify(&format!("READY=1\nSTATUS={}", status_line(&queue)));
+    let supervision = tokio::spawn(supervise(
+        notifier.clone(),
+        queue.clone(),
+        shutdown.clone(),
+        config.drain_timeout,
+    ));
     let ingest = Arc::new(Ingest::new(queue.clone(), &config));
     let settings = ServerSettings {
         header_read_timeout: config.header_read_timeout,
@@ -102,6 +111,58 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
         .close()
         .await
         .map_err(|e| DaemonError::Runtime(format!("final flush failed: {e}")))?;
+    supervision.abort();
     tracing::info!(stored_bytes = queue.stored_bytes(), "stopped");
     Ok(())
+}
+
+/// What `systemctl status` shows.
+fn status_line(queue: &Queue) -> String {
+    let counts = queue.counts();
+    format!(
+        "{} calls queued ({} bytes stored), {} delivered",
+        counts.pending,
+        queue.stored_bytes(),
+        counts.delivered
+    )
+}
+
+/// Keeps systemd informed while the daemon runs: the queue depth in `STATUS=` every few
+/// seconds, `WATCHDOG=1` from this event loop when `WatchdogSec=` is set (so a stuck runtime
+/// gets restarted), and `STOPPING=1` with more time for the drain once shutdown begins.
+async fn supervise(
+    notifier: Arc<Notifier>,
+    queue: Queue,
+    mut shutdown: Shutdown,
+    drain_timeout: std::time::Duration,
+) {
+    const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    let watchdog = Notifier::watchdog_interval();
+    let tick = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
+    let mut ticker = tokio::time::interval(tick);
+    let mut stopping = false;
+    let mut last_status = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.recv(), if !stopping => {
+                stopping = true;
+                // The drain, then the final flush (bounded at 5 s), then a margin.
+                let extend = drain_timeout + std::time::Duration::from_secs(15);
+                notifier.notify(&format!(
+                    "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=stopping: draining {} queued calls upstream",
+                    extend.as_micros(),
+                    queue.counts().pending
+                ));
+                continue;
+            }
+        }
+        if watchdog.is_some() {
+            notifier.notify("WATCHDOG=1");
+        }
+        if !stopping && last_status.elapsed() >= STATUS_EVERY {
+            last_status = tokio::time::Instant::now();
+            notifier.notify(&format!("STATUS={}", status_line(&queue)));
+        }
+    }
 }

@@ -99,6 +99,7 @@ struct StatsBody {
 /// What a path is for.
 enum Route {
     Health,
+    Ready,
     Stats,
     Calls(Endpoint),
     NotFound,
@@ -136,11 +137,21 @@ impl Ingest {
                 json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
             }
             (Route::Stats, &Method::GET | &Method::HEAD) => self.stats(),
+            (Route::Ready, &Method::GET | &Method::HEAD) => match self.queue.readiness() {
+                Ok(()) => json(StatusCode::OK, br#"{"status":"ready"}"#.to_vec()),
+                Err(reason) => json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::to_vec(
+                        &serde_json::json!({"status": "not_ready", "reason": reason}),
+                    )
+                    .expect("serialize"),
+                ),
+            },
             (Route::Calls(endpoint), &Method::POST) => match self.ingest(endpoint, req).await {
                 Ok(response) => response,
                 Err(refusal) => refuse(refusal),
             },
-            (Route::Health | Route::Stats, _) => method_not_allowed("GET"),
+            (Route::Health | Route::Ready | Route::Stats, _) => method_not_allowed("GET"),
             (Route::Calls(_), _) => method_not_allowed("POST"),
             (Route::NotFound, _) => refuse(Refusal::new(
                 StatusCode::NOT_FOUND,
@@ -332,27 +343,39 @@ impl Ingest {
         };
         match encoding {
             Encoding::Identity => Ok(bytes),
-            Encoding::Gzip => {
-                let mut inflated = Vec::with_capacity(bytes.len() * 4);
-                // Reading one byte past the limit tells "too large" from "exactly the limit"
-                // without ever inflating a bomb in full.
-                flate2::read::MultiGzDecoder::new(&bytes[..])
-                    .take(limit as u64 + 1)
-                    .read_to_end(&mut inflated)
-                    .map_err(|e| {
-                        Refusal::new(
-                            StatusCode::BAD_REQUEST,
-                            "invalid_gzip",
-                            format!("the gzip body could not be decoded: {e}"),
-                        )
-                    })?;
-                if inflated.len() > limit {
-                    return Err(too_large());
-                }
-                Ok(Bytes::from(inflated))
-            }
+            Encoding::Gzip => match inflate_gzip(&bytes, limit) {
+                Ok(inflated) => Ok(Bytes::from(inflated)),
+                Err(Inflate::TooLarge) => Err(too_large()),
+                Err(Inflate::Invalid(e)) => Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_gzip",
+                    format!("the gzip body could not be decoded: {e}"),
+                )),
+            },
         }
     }
+}
+
+/// Why a gzip body could not be used.
+#[derive(Debug)]
+pub enum Inflate {
+    /// It inflates past the limit (a bomb is cut off there, never inflated in full).
+    TooLarge,
+    Invalid(std::io::Error),
+}
+
+/// Inflates a (possibly multi-member) gzip body, reading one byte past `limit` to tell "too
+/// large" from "exactly the limit".
+pub fn inflate_gzip(bytes: &[u8], limit: usize) -> Result<Vec<u8>, Inflate> {
+    let mut inflated = Vec::with_capacity(bytes.len().saturating_mul(4).min(limit));
+    flate2::read::MultiGzDecoder::new(bytes)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut inflated)
+        .map_err(Inflate::Invalid)?;
+    if inflated.len() > limit {
+        return Err(Inflate::TooLarge);
+    }
+    Ok(inflated)
 }
 
 enum Encoding {
@@ -366,6 +389,7 @@ fn route(path: &str) -> Route {
     match path {
         "/health" => return Route::Health,
         "/stats" => return Route::Stats,
+        "/ready" => return Route::Ready,
         _ => {}
     }
     let mut segments = path.trim_end_matches('/').rsplit('/');

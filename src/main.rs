@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use grouprelay::config::{Config, Settings};
+use grouprelay::config::{Config, LogFormat, Settings};
 use grouprelay::daemon::{self, DaemonError};
 use grouprelay::shutdown;
 
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
         println!("configuration ok");
         return ExitCode::SUCCESS;
     }
-    init_tracing();
+    init_tracing(config.log_format);
     limit_malloc_arenas();
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -127,12 +127,15 @@ fn raise_open_files_limit() {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }

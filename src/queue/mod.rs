@@ -214,6 +214,8 @@ struct Inner {
     rejected_count: AtomicU64,
     /// Set by `close`: appends after it are refused.
     closed: AtomicBool,
+    /// The last append was refused for want of room, and none has been freed since.
+    at_limit: AtomicBool,
     commit: Arc<GroupCommit>,
     committer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -297,6 +299,7 @@ impl Queue {
                 books: Mutex::new(books),
                 rejected_count,
                 closed: AtomicBool::new(false),
+                at_limit: AtomicBool::new(false),
                 commit,
                 committer: Mutex::new(Some(committer)),
             }),
@@ -380,13 +383,16 @@ impl Queue {
     /// Takes `size` bytes of the limit, or refuses without touching anything.
     fn reserve(&self, size: u64) -> Result<(), QueueError> {
         let limit = self.inner.max_bytes;
-        self.inner
+        let reserved = self
+            .inner
             .stored_bytes
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |stored| {
                 stored.checked_add(size).filter(|&total| total <= limit)
             })
             .map(|_| ())
-            .map_err(|stored| QueueError::Full { stored, limit })
+            .map_err(|stored| QueueError::Full { stored, limit });
+        self.inner.at_limit.store(reserved.is_err(), Ordering::SeqCst);
+        reserved
     }
 
     /// Up to `limit` pending durable calls with ids of `from` or more, in queue order. A call
@@ -534,6 +540,9 @@ impl Queue {
         inner
             .stored_bytes
             .fetch_sub(settlement.freed_bytes(), Ordering::SeqCst);
+        if settlement.freed_bytes() > 0 {
+            inner.at_limit.store(false, Ordering::SeqCst);
+        }
         inner.commit.mark_dirty();
         Ok(())
     }
@@ -604,6 +613,28 @@ impl Queue {
             .stored_bytes
             .fetch_sub(settlement.freed_bytes(), Ordering::SeqCst);
         inner.commit.mark_dirty();
+        Ok(())
+    }
+
+    /// Whether new calls would be taken now; `Err` says why not (for `GET /ready`).
+    pub fn readiness(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err("the queue is closed: grouprelay is stopping".into());
+        }
+        let stored = inner.stored_bytes.load(Ordering::SeqCst);
+        if stored >= inner.max_bytes || inner.at_limit.load(Ordering::SeqCst) {
+            return Err(format!(
+                "the queue is full: {stored} of {} bytes stored",
+                inner.max_bytes
+            ));
+        }
+        if let Err(free) = inner.free_space.check(0) {
+            return Err(format!(
+                "the data dir's filesystem has {free} bytes free, below the floor of {}",
+                inner.free_space.floor()
+            ));
+        }
         Ok(())
     }
 

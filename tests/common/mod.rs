@@ -84,7 +84,11 @@ impl Daemon {
             log.push(&line);
             if let Some(rest) = line.split("listening on http://").nth(1) {
                 // The first TCP listener is the one the helper asked for.
-                addr = addr.or(Some(rest.trim().parse().expect("listen address")));
+                // Text or JSON logs: the address runs to the first character it cannot hold.
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+                    .unwrap_or(rest.len());
+                addr = addr.or(Some(rest[..end].parse().expect("listen address")));
             }
             if line.contains("grouprelay ready") {
                 break;

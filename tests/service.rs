@@ -1,0 +1,219 @@
+//! Running as a service: the systemd unit verifies, the example configuration names every
+//! setting, systemd hears READY/STATUS/WATCHDOG/STOPPING, `/ready` says why it is not, and
+//! logs can be JSON.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{get, post, run_to_exit, Daemon, BIN};
+
+fn repo(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// `systemd-analyze` is needed; CI has it (and must run this), elsewhere the test says so.
+fn systemd_analyze() -> Option<&'static str> {
+    let found = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-analyze is missing in CI"
+        );
+        eprintln!("skipped: systemd-analyze is not installed");
+        return None;
+    }
+    Some("systemd-analyze")
+}
+
+#[test]
+fn the_unit_file_verifies() {
+    let Some(analyze) = systemd_analyze() else {
+        return;
+    };
+    let unit = std::fs::read_to_string(repo("packaging/systemd/grouprelay.service")).unwrap();
+    for needed in [
+        "Type=notify",
+        "WatchdogSec=",
+        "ExecStartPre=/usr/bin/grouprelay validate",
+        "StateDirectory=grouprelay",
+        "RuntimeDirectory=grouprelay",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+    ] {
+        assert!(unit.contains(needed), "the unit lacks {needed}");
+    }
+    // verify checks that the commands exist: point them at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("grouprelay.service");
+    std::fs::write(&copy, unit.replace("/usr/bin/grouprelay", BIN)).unwrap();
+    let out = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze verify warns: {stderr}"
+    );
+}
+
+#[test]
+fn the_example_configuration_names_every_setting_and_validates() {
+    let example = repo("packaging/grouprelay.toml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    let (status, _) = run_to_exit(&["validate", "--config", example.to_str().unwrap()]);
+    assert!(status.success(), "the example as shipped is valid");
+
+    // Every flag of `grouprelay run` is a key of the file, set or shown commented out.
+    let help = std::process::Command::new(BIN)
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .filter(|w| !["help", "config", ""].contains(w))
+        .collect();
+    assert!(flags.len() > 15, "flags found: {flags:?}");
+    for flag in flags {
+        let key = format!("{flag} = ");
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start_matches("# ").starts_with(&key)),
+            "packaging/grouprelay.toml does not show {flag}"
+        );
+    }
+
+    // The defaults it shows are valid values too.
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(setting)
+                if setting.contains(" = ")
+                    && !setting.starts_with("write-key")
+                    && !setting.starts_with("allowed-write-keys") =>
+            {
+                setting.to_owned()
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let all = dir.path().join("all.toml");
+    std::fs::write(&all, uncommented).unwrap();
+    let (status, stderr) = run_to_exit(&["validate", "--config", all.to_str().unwrap()]);
+    assert!(status.success(), "{stderr}");
+}
+
+#[tokio::test]
+async fn systemd_hears_ready_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let systemd = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let data = dir.path().join("data");
+    let daemon = Daemon::start_with_env(
+        &data,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    let next = || async {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), systemd.recv(&mut buf))
+            .await
+            .expect("a notification within 20 s")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next().await;
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l.starts_with("STATUS=0 calls queued")),
+        "{ready}"
+    );
+    // Ready means ready: the listener answers.
+    assert_eq!(daemon.send(&get("/health")).await.status, 200);
+    let watchdog = next().await;
+    assert_eq!(watchdog, "WATCHDOG=1");
+
+    let pid = daemon.pid();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let stopping = loop {
+        let message = next().await;
+        if message != "WATCHDOG=1" {
+            break message;
+        }
+    };
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+    assert!(
+        stopping
+            .lines()
+            .any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "{stopping}"
+    );
+    assert!(daemon.terminate().success());
+}
+
+#[tokio::test]
+async fn ready_says_why_it_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--max-queue-bytes", "2000", "--write-key", "K"],
+    );
+    let ready = daemon.send(&get("/ready")).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["status"], "ready");
+    let call = br#"{"type":"group","userId":"u","groupId":"g","traits":{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#;
+    // Fill the queue to its limit.
+    let mut filled = false;
+    for _ in 0..100 {
+        if daemon.send(&post("/v1/group", None, call)).await.status == 429 {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled, "the queue never filled");
+    let ready = daemon.send(&get("/ready")).await;
+    assert_eq!(ready.status, 503);
+    let body = ready.json();
+    assert_eq!(body["status"], "not_ready");
+    assert!(body["reason"].as_str().unwrap().contains("full"), "{body}");
+    // Live all the same.
+    assert_eq!(daemon.send(&get("/health")).await.status, 200);
+    daemon.terminate();
+}
+
+#[tokio::test]
+async fn logs_can_be_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--log-format", "json"]);
+    assert_eq!(daemon.send(&get("/health")).await.status, 200);
+    let log = daemon.log_text();
+    assert!(daemon.terminate().success());
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(value["level"].is_string(), "{line}");
+        assert!(value["fields"]["message"].is_string(), "{line}");
+    }
+}
