@@ -45,7 +45,7 @@ impl Notifier {
     /// How often systemd wants `WATCHDOG=1` (half its `WatchdogSec=`), when it does and the
     /// watchdog is meant for this process.
     pub fn watchdog_interval() -> Option<Duration> {
-        if let Some(pid) = std::env::var("WATCHDOG_PID").ok() {
+        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
             if pid.trim() != std::process::id().to_string() {
                 return None;
             }
