@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::clock;
 use crate::config::Config;
+use crate::metrics::{metrics, CodeLabel, RequestLabels};
 use crate::queue::{Queue, QueueError};
 use crate::spec::{self, Endpoint, Receipt};
 
@@ -101,6 +102,7 @@ enum Route {
     Health,
     Ready,
     Stats,
+    Metrics,
     Calls(Endpoint),
     NotFound,
 }
@@ -120,23 +122,46 @@ impl Ingest {
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let started = std::time::Instant::now();
+        let route = route(req.uri().path());
+        let label = route.label();
+        let is_call = matches!(route, Route::Calls(_));
+        let response = self.answer(route, req).await;
+        let metrics = metrics();
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                path: label,
+                status: response.status().as_u16(),
+            })
+            .inc();
+        if is_call {
+            metrics
+                .ingest_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Ok(response)
+    }
+
+    async fn answer(&self, route: Route, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let header_bytes: usize = req
             .headers()
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len())
             .sum();
         if header_bytes > MAX_HEADER_BYTES {
-            return Ok(refuse(Refusal::new(
+            return refuse(Refusal::new(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",
                 format!("the request headers take {header_bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"),
-            )));
+            ));
         }
-        let response = match (route(req.uri().path()), req.method()) {
+        match (route, req.method()) {
             (Route::Health, &Method::GET | &Method::HEAD) => {
                 json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
             }
             (Route::Stats, &Method::GET | &Method::HEAD) => self.stats(),
+            (Route::Metrics, &Method::GET | &Method::HEAD) => self.metrics(),
             (Route::Ready, &Method::GET | &Method::HEAD) => match self.queue.readiness() {
                 Ok(()) => json(StatusCode::OK, br#"{"status":"ready"}"#.to_vec()),
                 Err(reason) => json(
@@ -149,17 +174,48 @@ impl Ingest {
             },
             (Route::Calls(endpoint), &Method::POST) => match self.ingest(endpoint, req).await {
                 Ok(response) => response,
-                Err(refusal) => refuse(refusal),
+                Err(refusal) => {
+                    metrics()
+                        .calls_rejected
+                        .get_or_create(&CodeLabel { code: refusal.code })
+                        .inc();
+                    refuse(refusal)
+                }
             },
-            (Route::Health | Route::Ready | Route::Stats, _) => method_not_allowed("GET"),
+            (Route::Health | Route::Ready | Route::Stats | Route::Metrics, _) => {
+                method_not_allowed("GET")
+            }
             (Route::Calls(_), _) => method_not_allowed("POST"),
             (Route::NotFound, _) => refuse(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no such endpoint: {}", req.uri().path()),
             )),
+        }
+    }
+
+    /// The Prometheus exposition, with the queue's gauges read now.
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let metrics = metrics();
+        let counts = self.queue.counts();
+        metrics
+            .queue_calls
+            .set(i64::try_from(counts.pending).unwrap_or(i64::MAX));
+        metrics
+            .queue_bytes
+            .set(i64::try_from(self.queue.stored_bytes()).unwrap_or(i64::MAX));
+        let now = clock::unix_ms(SystemTime::now());
+        let oldest_age = match self.queue.oldest_received_ms() {
+            Ok(Some(received)) => now.saturating_sub(received) as f64 / 1000.0,
+            _ => 0.0,
         };
-        Ok(response)
+        metrics.queue_oldest_age_seconds.set(oldest_age);
+        let mut response = Response::new(Full::new(Bytes::from(metrics.encode())));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        response
     }
 
     fn stats(&self) -> Response<Full<Bytes>> {
@@ -264,6 +320,16 @@ impl Ingest {
                     )
                 }
             })?;
+        let metrics = metrics();
+        metrics.calls_accepted.inc_by(body.calls.len() as u64);
+        for rejected in &body.rejected {
+            metrics
+                .calls_rejected
+                .get_or_create(&CodeLabel {
+                    code: rejected.violation.code,
+                })
+                .inc();
+        }
         let accepted = AcceptedBody {
             success: true,
             rejected: body
@@ -383,6 +449,28 @@ enum Encoding {
     Gzip,
 }
 
+impl Route {
+    /// The route as a metric label: a fixed set, whatever paths clients send.
+    fn label(&self) -> &'static str {
+        match self {
+            Route::Health => "/health",
+            Route::Ready => "/ready",
+            Route::Stats => "/stats",
+            Route::Metrics => "/metrics",
+            Route::Calls(Endpoint::Batch) => "/v1/batch",
+            Route::Calls(Endpoint::Single(t)) => match t {
+                spec::CallType::Identify => "/v1/identify",
+                spec::CallType::Track => "/v1/track",
+                spec::CallType::Page => "/v1/page",
+                spec::CallType::Screen => "/v1/screen",
+                spec::CallType::Group => "/v1/group",
+                spec::CallType::Alias => "/v1/alias",
+            },
+            Route::NotFound => "other",
+        }
+    }
+}
+
 /// Maps a path to what it is for. Any prefix before `/v1/` is allowed: Node's client lets
 /// users set one (e.g. `/relay/v1/batch`).
 fn route(path: &str) -> Route {
@@ -390,6 +478,7 @@ fn route(path: &str) -> Route {
         "/health" => return Route::Health,
         "/stats" => return Route::Stats,
         "/ready" => return Route::Ready,
+        "/metrics" => return Route::Metrics,
         _ => {}
     }
     let mut segments = path.trim_end_matches('/').rsplit('/');

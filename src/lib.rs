@@ -12,6 +12,7 @@
 //! | [`queue`] | the sled database: append with group commit, read in order, remove, dead letters, free-space floor |
 //! | [`forward`] | lanes per writeKey, batches upstream, retry with backoff, bisecting refusals |
 //! | [`shutdown`] | the signal every task listens to |
+//! | [`metrics`] | the counters and histograms `GET /metrics` serves |
 //! | [`notify`] | systemd's `Type=notify` protocol: ready, status, watchdog, stopping |
 //! | [`clock`] | timestamps as Segment writes them |
 //! | [`failpoint`] | test hooks: abort at a named point to prove a crash there loses nothing |
@@ -35,6 +36,7 @@ pub mod daemon;
 pub mod failpoint;
 pub mod forward;
 pub mod ingest;
+pub mod metrics;
 pub mod notify;
 pub mod queue;
 pub mod server;

@@ -217,3 +217,112 @@ async fn logs_can_be_json_lines() {
         assert!(value["fields"]["message"].is_string(), "{line}");
     }
 }
+
+/// `GET /metrics` after known traffic: the counters say exactly what happened, and no
+/// writeKey appears.
+#[tokio::test]
+async fn metrics_count_known_traffic() {
+    let mut answered = 0;
+    let upstream = common::Upstream::start(move |_| {
+        answered += 1;
+        if answered == 1 {
+            common::Reply::Status(500)
+        } else {
+            common::Reply::Status(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--upstream", &upstream.url(), "--flush-interval-ms", "5"],
+    );
+    const KEY: &str = "METRICSKEY0123456789";
+    for i in 0..3 {
+        let call = format!(r#"{{"userId":"u{i}","groupId":"g"}}"#);
+        let response = daemon
+            .send(&post("/v1/group", Some(KEY), call.as_bytes()))
+            .await;
+        assert_eq!(response.status, 200);
+    }
+    let batch = br#"{"batch":[{"type":"group","userId":"a","groupId":"g"},{"type":"group","userId":"b"},{"type":"group","userId":"c","groupId":"g"}]}"#;
+    assert_eq!(
+        daemon
+            .send(&post("/v1/batch", Some(KEY), batch))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        daemon
+            .send(&post("/v1/group", Some(KEY), b"{nope"))
+            .await
+            .status,
+        400
+    );
+    upstream.wait_delivered(5).await;
+    // The stand-in has answered; the daemon settles the calls a moment later. Nothing
+    // announces that but /stats itself, so look again until it does (bounded).
+    let settled = async {
+        while daemon.send(&get("/stats")).await.json()["delivered"] != 5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), settled)
+        .await
+        .expect("the delivered calls settled");
+    let response = daemon.send(&get("/metrics")).await;
+    assert_eq!(response.status, 200);
+    assert!(response
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("application/openmetrics-text")));
+    let text = String::from_utf8(response.body).unwrap();
+    assert!(!text.contains(KEY), "a writeKey in the metrics");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("grouprelay_calls_accepted_total"), 5.0);
+    assert_eq!(
+        value(r#"grouprelay_calls_rejected_total{code="missing_group_id"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"grouprelay_calls_rejected_total{code="invalid_json"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"grouprelay_http_requests_total{path="/v1/group",status="200"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(r#"grouprelay_http_requests_total{path="/v1/group",status="400"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"grouprelay_http_requests_total{path="/v1/batch",status="200"}"#),
+        1.0
+    );
+    assert_eq!(value("grouprelay_ingest_duration_seconds_count"), 5.0);
+    assert_eq!(value("grouprelay_calls_delivered_total"), 5.0);
+    assert_eq!(value("grouprelay_upstream_retries_total"), 1.0);
+    assert_eq!(
+        value(r#"grouprelay_upstream_responses_total{class="5xx"}"#),
+        1.0
+    );
+    assert!(value(r#"grouprelay_upstream_responses_total{class="2xx"}"#) >= 1.0);
+    assert!(value("grouprelay_upstream_batches_total") >= 2.0);
+    assert!(value("grouprelay_queue_flush_duration_seconds_count") >= 4.0);
+    for gauge in [
+        "grouprelay_queue_calls",
+        "grouprelay_queue_stored_bytes",
+        "grouprelay_queue_oldest_call_age_seconds",
+    ] {
+        assert!(value(gauge) >= 0.0);
+    }
+    assert!(daemon.terminate().success());
+}

@@ -428,6 +428,9 @@ impl Forwarder {
         match outcome {
             Outcome::Delivered => {
                 crate::failpoint::hit("forward-after-delivered");
+                crate::metrics::metrics()
+                    .calls_delivered
+                    .inc_by(calls.len() as u64);
                 if let Err(e) = self.queue.remove(&calls) {
                     // They were delivered; at worst they are sent again after a restart.
                     tracing::error!(error = %e, "cannot remove delivered calls from the queue");
@@ -447,6 +450,7 @@ impl Forwarder {
                 };
             }
             Outcome::Retry { cause, after } => {
+                crate::metrics::metrics().retries.inc();
                 lane.attempts += 1;
                 let cap = settings.retry_max_interval;
                 // The backoff advances either way, so a run of failures keeps slowing down.

@@ -124,7 +124,18 @@ impl Upstream {
                 .unwrap_or_default();
             Ok::<_, String>((status, after, body))
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        let metrics = crate::metrics::metrics();
+        metrics.batches_sent.inc();
+        let answered = tokio::time::timeout(self.timeout, exchange).await;
+        let class = match &answered {
+            Ok(Ok((status, _, _))) => crate::metrics::status_class(status.as_u16()),
+            _ => "error",
+        };
+        metrics
+            .upstream_responses
+            .get_or_create(&crate::metrics::ClassLabel { class })
+            .inc();
+        match answered {
             Err(_) => Outcome::Retry {
                 cause: format!("no answer within {} ms", self.timeout.as_millis()),
                 after: None,

@@ -167,6 +167,7 @@ async fn committer(
         let generation = shared.next_generation.fetch_add(1, Ordering::SeqCst);
         // Ids below this were inserted before the flush starts, so it covers them.
         let covered = before_flush();
+        let started = std::time::Instant::now();
         let (db, file, blobs) = (db.clone(), data_file.clone(), blobs.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
             db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
@@ -180,6 +181,9 @@ async fn committer(
         })
         .await
         .unwrap_or_else(|e| Err(format!("flush task failed: {e}")));
+        crate::metrics::metrics()
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
         let error = result.err().map(|e| {
             tracing::error!(error = %e, "queue flush failed");
             Arc::<str>::from(e)

@@ -391,7 +391,9 @@ impl Queue {
             })
             .map(|_| ())
             .map_err(|stored| QueueError::Full { stored, limit });
-        self.inner.at_limit.store(reserved.is_err(), Ordering::SeqCst);
+        self.inner
+            .at_limit
+            .store(reserved.is_err(), Ordering::SeqCst);
         reserved
     }
 
@@ -507,6 +509,12 @@ impl Queue {
             .map_err(transaction_error)?;
         books.done.remove(&chunk.first);
         books.counters = counters;
+        crate::metrics::metrics()
+            .dead_letters
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "quarantined",
+            })
+            .inc_by(lost);
         inner
             .stored_bytes
             .fetch_add(entry.len() as u64 + KEY_OVERHEAD, Ordering::SeqCst);
@@ -603,6 +611,12 @@ impl Queue {
             })
             .map_err(transaction_error)?;
         books.apply(&settlement, counters);
+        crate::metrics::metrics()
+            .dead_letters
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.reason,
+            })
+            .inc_by(settlement.newly_done.len() as u64);
         let added: u64 = letters
             .iter()
             .map(|(_, v)| v.len() as u64 + KEY_OVERHEAD)
@@ -636,6 +650,11 @@ impl Queue {
             ));
         }
         Ok(())
+    }
+
+    /// When the oldest pending durable call was received (ms since the epoch), if any.
+    pub fn oldest_received_ms(&self) -> Result<Option<u64>, QueueError> {
+        Ok(self.read(0, 1)?.first().map(|c| c.record.received_ms))
     }
 
     /// Every call's fate so far.
