@@ -73,6 +73,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
             drain_timeout: config.drain_timeout,
         },
     );
+    let upstream_health = forwarder.health();
     let (stop_forwarding, forwarding_shutdown) = shutdown::channel();
     let forwarding = tokio::spawn(forwarder.run(forwarding_shutdown));
     tracing::info!(upstream = %config.upstream, "forwarding");
@@ -96,7 +97,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
         shutdown.clone(),
         config.drain_timeout,
     ));
-    let ingest = Arc::new(Ingest::new(queue.clone(), &config));
+    let ingest = Arc::new(Ingest::new(queue.clone(), &config, upstream_health));
     let settings = ServerSettings {
         header_read_timeout: config.header_read_timeout,
         max_connections: config.max_connections,

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::io::Read;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -22,8 +23,10 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
+use crate::admin::Admin;
 use crate::clock;
 use crate::config::Config;
+use crate::forward::UpstreamHealth;
 use crate::metrics::{metrics, CodeLabel, RequestLabels};
 use crate::queue::{Queue, QueueError};
 use crate::spec::{self, Endpoint, Receipt};
@@ -40,6 +43,7 @@ const MAX_WRITE_KEY_BYTES: usize = 1024;
 /// The request handler, shared by every connection.
 pub struct Ingest {
     queue: Queue,
+    admin: Admin,
     default_write_key: Option<String>,
     /// `None`: any writeKey.
     allowed_write_keys: Option<HashSet<String>>,
@@ -99,6 +103,7 @@ struct StatsBody {
 
 /// What a path is for.
 enum Route {
+    Admin,
     Health,
     Ready,
     Stats,
@@ -108,8 +113,9 @@ enum Route {
 }
 
 impl Ingest {
-    pub fn new(queue: Queue, config: &Config) -> Ingest {
+    pub fn new(queue: Queue, config: &Config, upstream: Arc<Mutex<UpstreamHealth>>) -> Ingest {
         Ingest {
+            admin: Admin::new(queue.clone(), upstream),
             queue,
             default_write_key: config.write_key.clone(),
             allowed_write_keys: config.allowed_write_keys.clone(),
@@ -157,6 +163,7 @@ impl Ingest {
             ));
         }
         match (route, req.method()) {
+            (Route::Admin, _) => self.admin.handle(req).await,
             (Route::Health, &Method::GET | &Method::HEAD) => {
                 json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
             }
@@ -453,6 +460,7 @@ impl Route {
     /// The route as a metric label: a fixed set, whatever paths clients send.
     fn label(&self) -> &'static str {
         match self {
+            Route::Admin => "/admin",
             Route::Health => "/health",
             Route::Ready => "/ready",
             Route::Stats => "/stats",
@@ -479,6 +487,7 @@ fn route(path: &str) -> Route {
         "/stats" => return Route::Stats,
         "/ready" => return Route::Ready,
         "/metrics" => return Route::Metrics,
+        _ if path.starts_with("/admin/") => return Route::Admin,
         _ => {}
     }
     let mut segments = path.trim_end_matches('/').rsplit('/');

@@ -10,6 +10,7 @@
 //! | [`ingest`] | the Tracking API: routes, writeKey, body limits, gzip, JSON answers |
 //! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
 //! | [`queue`] | the sled database: append with group commit, read in order, remove, dead letters, free-space floor |
+//! | [`admin`] | `/admin/` endpoints (status, dead letters) and the client the admin commands use |
 //! | [`forward`] | lanes per writeKey, batches upstream, retry with backoff, bisecting refusals |
 //! | [`shutdown`] | the signal every task listens to |
 //! | [`metrics`] | the counters and histograms `GET /metrics` serves |
@@ -30,6 +31,7 @@
 //! A call moves in one direction only; the queue is the single hand-off point between the
 //! request side and the delivery side.
 
+pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod daemon;

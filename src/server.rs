@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::admin::LocalPeer;
 use crate::config::ListenAddr;
 use crate::ingest::Ingest;
 use crate::shutdown::Shutdown;
@@ -131,9 +132,10 @@ async fn serve(listener: Listener, shared: Arc<Shared>, mut shutdown: Shutdown) 
         match accepted {
             Ok(Stream::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                serve_connection(stream, &shared, permit, &graceful);
+                let local = stream.peer_addr().is_ok_and(|peer| peer.ip().is_loopback());
+                serve_connection(stream, local, &shared, permit, &graceful);
             }
-            Ok(Stream::Unix(stream)) => serve_connection(stream, &shared, permit, &graceful),
+            Ok(Stream::Unix(stream)) => serve_connection(stream, true, &shared, permit, &graceful),
             Err(e) => {
                 // Usually EMFILE: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -167,6 +169,7 @@ async fn accept(listener: &Listener) -> io::Result<Stream> {
 
 fn serve_connection<S>(
     stream: S,
+    local: bool,
     shared: &Shared,
     permit: OwnedSemaphorePermit,
     graceful: &GracefulShutdown,
@@ -174,8 +177,9 @@ fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ingest = shared.ingest.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let ingest = ingest.clone();
+        req.extensions_mut().insert(LocalPeer(local));
         async move { ingest.handle(req).await }
     });
     let connection = http1::Builder::new()

@@ -83,6 +83,17 @@ struct Lane {
     probe: Option<(usize, u64)>,
 }
 
+/// What the forwarder last saw of upstream, for `grouprelay status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UpstreamHealth {
+    /// Some writeKey's batch waits to be retried until then (ms since the epoch; the latest
+    /// such time).
+    pub backing_off_until_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<u64>,
+    pub last_delivery_at_ms: Option<u64>,
+}
+
 /// A finished upstream request.
 struct Sent {
     write_key: String,
@@ -106,9 +117,15 @@ pub struct Forwarder {
     /// Which lane and first queue id each send task carries, to recover if one fails.
     sending: HashMap<tokio::task::Id, (String, u64)>,
     lane_capacity: usize,
+    health: std::sync::Arc<std::sync::Mutex<UpstreamHealth>>,
 }
 
 impl Forwarder {
+    /// What the forwarder last saw of upstream, kept up to date while it runs.
+    pub fn health(&self) -> std::sync::Arc<std::sync::Mutex<UpstreamHealth>> {
+        self.health.clone()
+    }
+
     pub fn new(queue: Queue, upstream: Upstream, settings: ForwardSettings) -> Forwarder {
         Forwarder {
             lane_capacity: settings.max_batch_events * 2,
@@ -121,6 +138,7 @@ impl Forwarder {
             in_flight: JoinSet::new(),
             sending: HashMap::new(),
             only_skipping: false,
+            health: Default::default(),
         }
     }
 
@@ -431,6 +449,17 @@ impl Forwarder {
                 crate::metrics::metrics()
                     .calls_delivered
                     .inc_by(calls.len() as u64);
+                {
+                    let now = clock::unix_ms(SystemTime::now());
+                    let mut health = self.health.lock().expect("health lock");
+                    health.last_delivery_at_ms = Some(now);
+                    if health
+                        .backing_off_until_ms
+                        .is_some_and(|until| until <= now)
+                    {
+                        health.backing_off_until_ms = None;
+                    }
+                }
                 if let Err(e) = self.queue.remove(&calls) {
                     // They were delivered; at worst they are sent again after a restart.
                     tracing::error!(error = %e, "cannot remove delivered calls from the queue");
@@ -469,6 +498,17 @@ impl Forwarder {
                 );
                 lane.retry_at = Some(Instant::now() + delay);
                 lane.put_back(calls);
+                let now = clock::unix_ms(SystemTime::now());
+                let until = now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                let mut health = self.health.lock().expect("health lock");
+                health.last_error = Some(cause);
+                health.last_error_at_ms = Some(now);
+                health.backing_off_until_ms = Some(
+                    health
+                        .backing_off_until_ms
+                        .filter(|&t| t > now)
+                        .map_or(until, |t| t.max(until)),
+                );
             }
             Outcome::Refused { status, .. } if calls.len() > 1 => {
                 let half = calls.len().div_ceil(2);

@@ -676,6 +676,77 @@ impl Queue {
         read_json_tree(&self.inner.dead, "dead letter")
     }
 
+    /// The dead letters with their ids, oldest first.
+    pub fn dead_entries(&self) -> Result<Vec<(u64, DeadRecord)>, QueueError> {
+        self.inner
+            .dead
+            .iter()
+            .map(|item| {
+                let (key, value) = item?;
+                Ok((decode_id(&key)?, decode_dead(&value)?))
+            })
+            .collect()
+    }
+
+    /// One dead letter.
+    pub fn dead_entry(&self, id: u64) -> Result<Option<DeadRecord>, QueueError> {
+        self.inner
+            .dead
+            .get(id.to_be_bytes())?
+            .map(|value| decode_dead(&value))
+            .transpose()
+    }
+
+    /// Deletes dead letters for good; ids that are not there are skipped. Returns how many
+    /// were deleted.
+    pub fn purge_dead(&self, ids: &[u64]) -> Result<usize, QueueError> {
+        let inner = &self.inner;
+        let mut batch = sled::Batch::default();
+        let mut freed = 0;
+        let mut purged = 0;
+        for id in ids {
+            if let Some(value) = inner.dead.get(id.to_be_bytes())? {
+                batch.remove(&id.to_be_bytes());
+                freed += value.len() as u64 + KEY_OVERHEAD;
+                purged += 1;
+            }
+        }
+        inner.dead.apply_batch(batch)?;
+        inner.stored_bytes.fetch_sub(freed, Ordering::SeqCst);
+        if freed > 0 {
+            inner.at_limit.store(false, Ordering::SeqCst);
+        }
+        inner.commit.mark_dirty();
+        Ok(purged)
+    }
+
+    /// Queues dead letters again, with the same call (same `messageId`) and writeKey, then
+    /// deletes them from the dead-letter store. They count as newly accepted, received now
+    /// (so that an expired call is not expired again at once). A crash between the two
+    /// steps leaves a call both queued and dead-lettered: delivered once more at worst, never
+    /// lost. Returns how many were queued.
+    pub async fn replay_dead(&self, ids: &[u64]) -> Result<usize, QueueError> {
+        let now = crate::clock::unix_ms(std::time::SystemTime::now());
+        let mut by_key: BTreeMap<String, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+        for &id in ids {
+            if let Some(record) = self.dead_entry(id)? {
+                by_key
+                    .entry(record.write_key)
+                    .or_default()
+                    .push((id, record.call.get().as_bytes().to_vec()));
+            }
+        }
+        let mut replayed = 0;
+        for (write_key, letters) in by_key {
+            let calls: Vec<Vec<u8>> = letters.iter().map(|(_, call)| call.clone()).collect();
+            self.append(&write_key, now, &calls, &[]).await?;
+            let done: Vec<u64> = letters.iter().map(|(id, _)| *id).collect();
+            self.purge_dead(&done)?;
+            replayed += done.len();
+        }
+        Ok(replayed)
+    }
+
     /// Resolves when more calls become readable (durable) after it was created and
     /// `enable`d or first polled.
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
@@ -909,6 +980,17 @@ fn transaction_error(e: sled::transaction::TransactionError<()>) -> QueueError {
             QueueError::Storage("transaction aborted".into())
         }
     }
+}
+
+fn decode_id(key: &[u8]) -> Result<u64, QueueError> {
+    <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| QueueError::Storage(format!("a key of {} bytes is not an id", key.len())))
+}
+
+fn decode_dead(value: &[u8]) -> Result<DeadRecord, QueueError> {
+    serde_json::from_slice(value)
+        .map_err(|e| QueueError::Storage(format!("damaged dead letter: {e}")))
 }
 
 fn db_path(data_dir: &Path) -> PathBuf {

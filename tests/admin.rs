@@ -1,0 +1,164 @@
+//! The admin commands against a running daemon: `status`, and `dead list/show/replay/purge`,
+//! including a dead letter replayed and delivered, over TCP and the Unix socket.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::{post, Daemon, Reply, Upstream, BIN};
+
+/// Runs `grouprelay ARGS` off the async runtime (the stand-in upstream lives on it).
+async fn grouprelay(args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_dead_letters_list_show_replay_and_purge() {
+    // Upstream refuses the "poison" calls until told otherwise.
+    let forgiving = Arc::new(AtomicBool::new(false));
+    let accept_all = forgiving.clone();
+    let upstream = Upstream::start(move |request| {
+        let poisoned = request.calls().iter().any(|c| c["userId"] == "poison");
+        if poisoned && !accept_all.load(Ordering::SeqCst) {
+            Reply::Status(400)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("grouprelay.sock");
+    let unix_url = format!("unix:{}", socket.display());
+    let daemon = Daemon::start(
+        &dir.path().join("data"),
+        &[
+            "--upstream",
+            &upstream.url(),
+            "--flush-interval-ms",
+            "5",
+            "--listen",
+            &unix_url,
+        ],
+    );
+    let url = format!("http://{}", daemon.addr);
+    for (i, user) in ["poison", "ok", "poison"].iter().enumerate() {
+        let call = format!(r#"{{"userId":"{user}","groupId":"g","messageId":"m-{i}"}}"#);
+        let response = daemon
+            .send(&post("/v1/group", Some("KEYAsecretpart"), call.as_bytes()))
+            .await;
+        assert_eq!(response.status, 200);
+    }
+    daemon
+        .wait_for_log_count("moved to the dead-letter store", 2)
+        .await;
+
+    let (code, out, err) = grouprelay(&["status", "--url", &url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": up"), "{out}");
+    assert!(out.contains("queue: 0 calls"), "{out}");
+    assert!(
+        out.contains("dead letters: 2 (rejected_by_upstream 2)"),
+        "{out}"
+    );
+    assert!(out.contains("upstream: healthy"), "{out}");
+
+    let (code, out, err) = grouprelay(&["dead", "list", "--url", &unix_url]).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let fields: Vec<&str> = lines[0].split('\t').collect();
+    assert_eq!(fields[1], "m-0");
+    assert_eq!(fields[2], "KEYA…", "only the key's first four characters");
+    assert_eq!(fields[3], "rejected_by_upstream");
+    assert!(!out.contains("secretpart"));
+    let first_id = fields[0].to_owned();
+    let second_id = lines[1].split('\t').next().unwrap().to_owned();
+
+    let (code, out, _) = grouprelay(&["dead", "list", "--reason", "expired", "--url", &url]).await;
+    assert_eq!((code, out.as_str()), (0, ""));
+    let (code, out, _) = grouprelay(&["dead", "list", "--limit", "1", "--url", &url]).await;
+    assert_eq!((code, out.lines().count()), (0, 1));
+
+    let (code, out, err) = grouprelay(&["dead", "show", &first_id, "--url", &url]).await;
+    assert_eq!(code, 0, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["call"]["messageId"], "m-0");
+    assert_eq!(shown["status"], 400);
+    assert_eq!(shown["write_key"], "KEYA…");
+    let (code, _, err) = grouprelay(&["dead", "show", "999999", "--url", &url]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+
+    // Replay one: upstream takes it now, with the same messageId.
+    forgiving.store(true, Ordering::SeqCst);
+    let (code, out, err) = grouprelay(&["dead", "replay", &first_id, "--url", &url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "replayed 1 dead letters");
+    upstream
+        .wait_until("the replayed call delivered", |requests| {
+            requests
+                .iter()
+                .any(|r| r.answered == 200 && r.calls().iter().any(|c| c["messageId"] == "m-0"))
+        })
+        .await;
+    let (_, out, _) = grouprelay(&["dead", "list", "--url", &url]).await;
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with(&second_id));
+
+    // Purge the rest; a replay with nothing named is refused.
+    let (code, _, err) = grouprelay(&["dead", "replay", "--url", &url]).await;
+    assert_eq!(code, 2, "{err}");
+    let (code, out, err) = grouprelay(&["dead", "purge", "--all", "--url", &url]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "purged 1 dead letters");
+    let (_, out, _) = grouprelay(&["dead", "list", "--url", &url]).await;
+    assert!(out.is_empty(), "{out}");
+
+    assert!(daemon.terminate().success());
+    let (code, out, _) = grouprelay(&["status", "--url", &url]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("down"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_upstream_backing_off() {
+    let upstream = Upstream::start(|_| Reply::Status(503)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--upstream",
+            &upstream.url(),
+            "--flush-interval-ms",
+            "5",
+            "--write-key",
+            "K",
+        ],
+    );
+    let response = daemon
+        .send(&post("/v1/group", None, br#"{"userId":"u","groupId":"g"}"#))
+        .await;
+    assert_eq!(response.status, 200);
+    daemon.wait_for_log("retrying").await;
+    let (code, out, err) =
+        grouprelay(&["status", "--url", &format!("http://{}", daemon.addr)]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("queue: 1 calls"), "{out}");
+    assert!(out.contains("upstream: backing off until"), "{out}");
+    assert!(out.contains("503"), "{out}");
+    daemon.terminate();
+}
