@@ -142,7 +142,7 @@ impl Admin {
                 tracing::info!(
                     calls = done,
                     action,
-                    "dead letters {action}ed by an operator"
+                    "operator request on dead letters done"
                 );
                 Ok(serde_json::json!({"success": true, action: done}))
             }
