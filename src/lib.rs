@@ -5,11 +5,11 @@
 //! | module | what it is |
 //! |---|---|
 //! | [`config`] | the one typed [`config::Config`]: flags > env > file > defaults |
-//! | [`daemon`] | start-up and shutdown order: queue, forwarder, listeners; then stop, drain, close |
+//! | [`daemon`] | start-up and shutdown order: queue, forwarder, listeners, systemd's READY; then stop, drain, close |
 //! | [`server`] | listeners (TCP and Unix) and the HTTP/1.1 connections on them |
-//! | [`ingest`] | the Tracking API: routes, writeKey, body limits, gzip, JSON answers |
+//! | [`ingest`] | the HTTP API: routes, writeKey, body limits, gzip, JSON answers; `/health`, `/ready`, `/stats`, `/metrics` |
 //! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
-//! | [`queue`] | the sled database: append with group commit, read in order, remove, dead letters, free-space floor |
+//! | [`queue`] | the sled database: calls in chunks, appended together and made durable by group commit, read in order, settled (delivered or dead) with durable counters; free-space floor |
 //! | [`admin`] | `/admin/` endpoints (status, dead letters) and the client the admin commands use |
 //! | [`forward`] | lanes per writeKey, batches upstream, retry with backoff, bisecting refusals |
 //! | [`shutdown`] | the signal every task listens to |
@@ -23,11 +23,13 @@
 //! client ─HTTP─▶ server ─▶ ingest ─▶ spec (normalise, validate)
 //!                             │
 //!                             ▼
-//!                           queue.append ──(group commit: flush + fdatasync)──▶ 200
-//!                             │
+//!                           queue.append ─▶ appender (one chunk write for every waiting
+//!                             │                request) ─▶ committer (flush + fdatasync) ─▶ 200
 //!                             ▼
 //! upstream ◀─HTTP── forward (2xx: queue.remove; 4xx: queue.dead_letter; else retry)
 //! ```
+//! Operators look in through `/stats`, `/metrics` and `admin` (`grouprelay status`,
+//! `grouprelay dead ...`), which read the queue and the forwarder's upstream health.
 //! A call moves in one direction only; the queue is the single hand-off point between the
 //! request side and the delivery side.
 
