@@ -132,11 +132,24 @@ pub struct Receipt<'a> {
     pub new_message_id: &'a mut dyn FnMut() -> String,
 }
 
-/// Whether brackets outside strings nest deeper than `limit`: one pass, no parsing, so that
-/// it is safe on any input.
-fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
+/// What one pass over the raw bytes, before parsing, refuses.
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    Fine,
+    /// Brackets outside strings nest deeper than the limit.
+    TooDeep,
+    /// A number no 64-bit float can hold (`1e400`): valid JSON, but upstream's parsers, and
+    /// most others, refuse it, which would refuse the whole batch it travels in.
+    NumberOutOfRange,
+}
+
+/// One pass over the body, no parsing, so it is safe on any input: nesting depth and the
+/// range of numbers, both outside strings.
+fn scan(bytes: &[u8], depth_limit: usize) -> Scan {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in bytes {
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
         if in_string {
             match b {
                 _ if escaped => escaped = false,
@@ -144,21 +157,39 @@ fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
                 b'"' => in_string = false,
                 _ => {}
             }
+            i += 1;
             continue;
         }
         match b {
             b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
-                if depth > limit {
-                    return true;
+                if depth > depth_limit {
+                    return Scan::TooDeep;
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let end = bytes[i..]
+                    .iter()
+                    .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .map_or(bytes.len(), |n| i + n);
+                // A malformed number is the parser's to report.
+                let number = std::str::from_utf8(&bytes[i..end]).ok();
+                if number
+                    .and_then(|n| n.parse::<f64>().ok())
+                    .is_some_and(|n| !n.is_finite())
+                {
+                    return Scan::NumberOutOfRange;
+                }
+                i = end;
+                continue;
+            }
             _ => {}
         }
+        i += 1;
     }
-    false
+    Scan::Fine
 }
 
 /// Parses, normalises and validates one request body.
@@ -172,11 +203,20 @@ pub fn parse_body(
 ) -> Result<Body, Violation> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| Violation::new("invalid_json", "the body is not valid UTF-8"))?;
-    if nesting_exceeds(bytes, MAX_JSON_DEPTH) {
-        return Err(Violation::new(
-            "too_deep",
-            format!("the body nests JSON deeper than {MAX_JSON_DEPTH} levels"),
-        ));
+    match scan(bytes, MAX_JSON_DEPTH) {
+        Scan::Fine => {}
+        Scan::TooDeep => {
+            return Err(Violation::new(
+                "too_deep",
+                format!("the body nests JSON deeper than {MAX_JSON_DEPTH} levels"),
+            ))
+        }
+        Scan::NumberOutOfRange => {
+            return Err(Violation::new(
+                "invalid_json",
+                "a number in the body is out of range (beyond a 64-bit float)",
+            ))
+        }
     }
     let top = Entries::parse(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
@@ -656,13 +696,24 @@ mod tests {
     #[test]
     fn nesting_is_measured_outside_strings_only() {
         let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
-        assert!(!nesting_exceeds(deep(64).as_bytes(), 64));
-        assert!(nesting_exceeds(deep(65).as_bytes(), 64));
+        assert_eq!(scan(deep(64).as_bytes(), 64), Scan::Fine);
+        assert_eq!(scan(deep(65).as_bytes(), 64), Scan::TooDeep);
         // Brackets inside strings, escaped quotes included, do not count.
         let quoted = format!(r#"{{"a":"{}\"{}"}}"#, "[".repeat(100), "{".repeat(100));
-        assert!(!nesting_exceeds(quoted.as_bytes(), 64));
+        assert_eq!(scan(quoted.as_bytes(), 64), Scan::Fine);
         // An escaped backslash ends its string's escape: the `[` after it counts.
-        assert!(nesting_exceeds(br#"{"a":"\\","b":[1]}"#, 1));
-        assert!(!nesting_exceeds(br#"{"a":"\\","b":[1]}"#, 2));
+        assert_eq!(scan(br#"{"a":"\\","b":[1]}"#, 1), Scan::TooDeep);
+        assert_eq!(scan(br#"{"a":"\\","b":[1]}"#, 2), Scan::Fine);
+    }
+
+    #[test]
+    fn numbers_beyond_a_float_are_refused_outside_strings_only() {
+        assert_eq!(scan(br#"{"a":1e400}"#, 64), Scan::NumberOutOfRange);
+        assert_eq!(scan(br#"{"a":-222.2E22220}"#, 64), Scan::NumberOutOfRange);
+        assert_eq!(scan(br#"{"a":"1e400"}"#, 64), Scan::Fine);
+        assert_eq!(
+            scan(br#"{"a":1e-400,"b":18446744073709551616,"c":-0.5}"#, 64),
+            Scan::Fine
+        );
     }
 }

@@ -687,6 +687,15 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
             "too_deep",
         ),
         case(
+            "a number beyond a 64-bit float (found by the fuzzer)",
+            keyed(
+                "/v1/group",
+                r#"{"userId":"u","groupId":"g","traits":{"n":222.2E22220}}"#,
+            ),
+            400,
+            "invalid_json",
+        ),
+        case(
             "Basic auth that is not base64",
             raw(
                 "POST",
