@@ -143,15 +143,8 @@ fn main() -> ExitCode {
     init_tracing(config.log_format);
     limit_malloc_arenas();
     raise_open_files_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("grouprelay: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     let outcome = runtime.block_on(run(config));
     // Do not wait on a blocking task stuck in the filesystem (a flush after an I/O error).
@@ -183,6 +176,15 @@ async fn run(config: Config) -> Result<(), DaemonError> {
         }
     });
     daemon::run(config, shutdown).await
+}
+
+/// Builds a runtime, or says why not.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("grouprelay: cannot start the runtime: {e}"))
+        .ok()
 }
 
 enum AdminRequest {
@@ -237,15 +239,8 @@ fn admin_command(admin: &AdminArgs, request: AdminRequest) -> ExitCode {
             (Method::POST, format!("/admin/dead/{action}"), Some(body))
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("grouprelay: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     let answer = runtime.block_on(client::request(&target, method, &path, body));
     let (status, value) = match answer {

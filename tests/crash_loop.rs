@@ -157,18 +157,7 @@ async fn acknowledged_calls_survive_a_crash_loop_and_the_books_balance() {
 
     // A last run, left alone, delivers the rest.
     let daemon = Daemon::start(dir.path(), &args);
-    let expected = acknowledged.clone();
-    upstream
-        .wait_until("every acknowledged call delivered", move |requests| {
-            let delivered: HashSet<&str> = requests
-                .iter()
-                .filter(|r| (200..300).contains(&r.answered))
-                .flat_map(|r| r.calls())
-                .filter_map(|c| c["messageId"].as_str())
-                .collect();
-            expected.iter().all(|id| delivered.contains(id.as_str()))
-        })
-        .await;
+    upstream.wait_delivered_ids(&acknowledged).await;
     assert!(daemon.terminate().success());
     let accepted = check_books(dir.path(), ROUNDS).await;
 

@@ -37,18 +37,7 @@ async fn deliver_all(data_dir: &Path, upstream: &Upstream, expected: &HashSet<St
         data_dir,
         &["--upstream", &upstream.url(), "--flush-interval-ms", "5"],
     );
-    let expected = expected.clone();
-    upstream
-        .wait_until("the acknowledged calls delivered", move |requests| {
-            let delivered: HashSet<&str> = requests
-                .iter()
-                .filter(|r| (200..300).contains(&r.answered))
-                .flat_map(|r| r.calls())
-                .filter_map(|c| c["messageId"].as_str())
-                .collect();
-            expected.iter().all(|id| delivered.contains(id.as_str()))
-        })
-        .await;
+    upstream.wait_delivered_ids(expected).await;
     assert!(daemon.terminate().success());
 }
 

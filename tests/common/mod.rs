@@ -491,6 +491,21 @@ impl Upstream {
         }
     }
 
+    /// Waits until every call with one of these messageIds was delivered (answered 2xx).
+    pub async fn wait_delivered_ids(&self, ids: &std::collections::HashSet<String>) {
+        let expected = ids.clone();
+        self.wait_until("the expected calls delivered", move |requests| {
+            let delivered: std::collections::HashSet<&str> = requests
+                .iter()
+                .filter(|r| (200..300).contains(&r.answered))
+                .flat_map(|r| r.calls())
+                .filter_map(|c| c["messageId"].as_str())
+                .collect();
+            expected.iter().all(|id| delivered.contains(id.as_str()))
+        })
+        .await
+    }
+
     /// Waits until at least `n` calls were delivered.
     pub async fn wait_delivered(&self, n: usize) {
         self.wait_until(&format!("{n} delivered calls"), |requests| {
