@@ -19,6 +19,22 @@ async fn open_again(options: QueueOptions) -> Queue {
     }
 }
 
+/// `sled::open` on a database this process closed a moment ago (see `open_again`).
+async fn sled_open_again(path: std::path::PathBuf) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(&path) {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            result => return result.unwrap(),
+        }
+    }
+}
+
 fn call(i: usize) -> Vec<u8> {
     format!(r#"{{"type":"group","userId":"u{i}","groupId":"g","messageId":"m{i}"}}"#).into_bytes()
 }
@@ -209,7 +225,7 @@ async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
     drop(queue);
     {
         // Damage the middle chunk on disk.
-        let db = sled::open(dir.path().join(grouprelay::queue::DB_DIR)).unwrap();
+        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
         let tree = db.open_tree("queue").unwrap();
         let old = tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
         assert!(old.is_some(), "the chunk layout changed; fix this test");
@@ -226,7 +242,7 @@ async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
     assert_eq!(counts.pending, 2);
     queue.close().await.unwrap();
     drop(queue);
-    let db = sled::open(dir.path().join(grouprelay::queue::DB_DIR)).unwrap();
+    let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
     let quarantined = db
         .open_tree("quarantine")
         .unwrap()

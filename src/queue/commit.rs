@@ -55,13 +55,15 @@ impl GroupCommit {
     /// and removals of delivered calls use it so that a restart does not resend them.
     ///
     /// `before_flush` runs just before each flush (the queue records its counters there) and
-    /// returns the end of the queue ids that the flush will cover.
+    /// returns the end of the queue ids that the flush will cover; `after_flush` gets that
+    /// end once the flush has succeeded.
     pub(crate) fn start(
         db: sled::Db,
         data_file: File,
         blobs_dir: PathBuf,
         period: Duration,
         before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
+        after_flush: Box<dyn Fn(u64) + Send + Sync>,
     ) -> (Arc<GroupCommit>, JoinHandle<()>) {
         let (tx, rx) = watch::channel(Flushed {
             generation: 0,
@@ -84,7 +86,10 @@ impl GroupCommit {
             Arc::new(data_file),
             BlobSync::new(blobs_dir),
             period,
-            before_flush,
+            Hooks {
+                before_flush,
+                after_flush,
+            },
             tx,
         ));
         (shared, task)
@@ -146,9 +151,13 @@ async fn committer(
     data_file: Arc<File>,
     blobs: BlobSync,
     period: Duration,
-    before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
+    hooks: Hooks,
     flushed: watch::Sender<Flushed>,
 ) {
+    let Hooks {
+        before_flush,
+        after_flush,
+    } = hooks;
     let blobs = Arc::new(std::sync::Mutex::new(blobs));
     // The first tick a period from now: a fresh start has nothing to flush.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -188,8 +197,11 @@ async fn committer(
             tracing::error!(error = %e, "queue flush failed");
             Arc::<str>::from(e)
         });
-        if error.is_none() && shared.durable_end.fetch_max(covered, Ordering::SeqCst) < covered {
-            shared.advanced.notify_waiters();
+        if error.is_none() {
+            after_flush(covered);
+            if shared.durable_end.fetch_max(covered, Ordering::SeqCst) < covered {
+                shared.advanced.notify_waiters();
+            }
         }
         flushed.send_modify(|f| {
             f.generation = generation;
@@ -202,6 +214,12 @@ async fn committer(
             break;
         }
     }
+}
+
+/// What the queue does around each flush (see [`GroupCommit::start`]).
+struct Hooks {
+    before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
+    after_flush: Box<dyn Fn(u64) + Send + Sync>,
 }
 
 /// Makes sled's blob files durable: each new one once, then the directory that names it.

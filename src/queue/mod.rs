@@ -27,6 +27,7 @@ mod commit;
 mod ledger;
 pub mod record;
 mod space;
+mod watermark;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -45,6 +46,7 @@ use ledger::{Books, Settlement};
 pub use ledger::{ChunkRef, Counters};
 pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
 use space::FreeSpace;
+use watermark::Watermark;
 
 /// Why calls are dead-lettered.
 #[derive(Debug, Clone)]
@@ -60,6 +62,9 @@ pub struct DeadReason {
 
 /// Name of the sled database directory inside the data dir.
 pub const DB_DIR: &str = "queue";
+/// The durable watermark's file, beside sled's inside the database directory, so that it
+/// moves with the queue (see `watermark`).
+pub const WATERMARK_FILE: &str = "grouprelay.watermark";
 /// Chunks of queued calls, their done-bits and the counters: one tree, so that a call's
 /// state and the counters change in one atomic batch.
 const QUEUE_TREE: &str = "queue";
@@ -243,12 +248,34 @@ impl Queue {
         let tree = db.open_tree(QUEUE_TREE)?;
         let rejected = db.open_tree(REJECTED_TREE)?;
         let dead = db.open_tree(DEAD_TREE)?;
-        let books = read_books(&tree)?;
-        let next_id = match tree.scan_prefix([CHUNK_PREFIX]).next_back() {
+        let mut books = read_books(&tree)?;
+        let mut next_id = match tree.scan_prefix([CHUNK_PREFIX]).next_back() {
             Some(item) => decode_chunk_key(&item?.0)?.end(),
             None => 0,
         }
         .max(books.counters.next_id_floor);
+        let watermark_path = path.join(WATERMARK_FILE);
+        let (watermark, durable_before) = Watermark::open(&watermark_path).map_err(|e| {
+            QueueError::Storage(format!("cannot open {}: {e}", watermark_path.display()))
+        })?;
+        if let Some(durable) = durable_before.filter(|&durable| durable > next_id) {
+            // sled recovered less than it had made durable: damage on disk cut its log short.
+            let lost = durable - next_id;
+            tracing::error!(
+                lost_calls = lost,
+                recovered_up_to = next_id,
+                durable_up_to = durable,
+                "the queue's database came back shorter than it was made durable: calls were lost to damage on disk"
+            );
+            *books
+                .counters
+                .dead
+                .entry("lost_on_disk".into())
+                .or_default() += lost;
+            books.counters.next_id_floor = durable;
+            tree.insert(LEDGER_KEY, encode_counters(&books.counters)?)?;
+            next_id = durable;
+        }
         let stored = Arc::new(AtomicU64::new(stored_bytes_at_open(
             &meta,
             [&tree, &rejected, &dead],
@@ -275,6 +302,7 @@ impl Queue {
             path.join("blobs"),
             options.sync_interval,
             Box::new(before_flush),
+            Box::new(move |durable_end| watermark.record(durable_end)),
         );
         let appender = Appender::start(Target {
             tree: tree.clone(),
