@@ -162,3 +162,42 @@ async fn status_shows_upstream_backing_off() {
     assert!(out.contains("503"), "{out}");
     daemon.terminate();
 }
+
+/// With `--allow-remote`, the Tracking API answers other hosts but the admin endpoints do
+/// not. (Needs an address beyond loopback on this host; skipped with a message without one.)
+#[tokio::test]
+async fn admin_endpoints_refuse_clients_beyond_loopback() {
+    // The host's own outward address: the source a UDP socket would use (nothing is sent).
+    let Some(outward) = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+    else {
+        eprintln!("skipped: this host has no address beyond loopback");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &["--allow-remote", "--listen", "0.0.0.0:0"]);
+    let log = daemon.log_text();
+    let port: u16 = log
+        .split("listening on http://0.0.0.0:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .expect("the 0.0.0.0 listener's port");
+    let remote = std::net::SocketAddr::new(outward, port);
+    let status = common::send_tcp(remote, &common::get("/admin/status")).await;
+    assert_eq!(status.status, 403);
+    assert_eq!(status.json()["code"], "admin_local_only");
+    assert_eq!(
+        common::send_tcp(remote, &common::get("/health"))
+            .await
+            .status,
+        200
+    );
+    // The same endpoint from loopback is answered.
+    assert_eq!(daemon.send(&common::get("/admin/status")).await.status, 200);
+    daemon.terminate();
+}
