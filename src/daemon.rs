@@ -148,8 +148,9 @@ async fn supervise(
             _ = ticker.tick() => {}
             _ = shutdown.recv(), if !stopping => {
                 stopping = true;
-                // The drain, then the final flush (bounded at 5 s), then a margin.
-                let extend = drain_timeout + std::time::Duration::from_secs(15);
+                // In-flight requests (up to 10 s), the drain, the final flush (5 s), the
+                // committer's stop (5 s), and a margin.
+                let extend = drain_timeout + std::time::Duration::from_secs(25);
                 notifier.notify(&format!(
                     "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=stopping: draining {} queued calls upstream",
                     extend.as_micros(),

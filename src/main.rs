@@ -48,7 +48,7 @@ const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:8788";
 enum DeadCommand {
     /// One line per dead letter: id, messageId, writeKey's first 4 characters, reason, time.
     List {
-        /// Only this reason: rejected_by_upstream, expired or quarantined
+        /// Only this reason: rejected_by_upstream or expired
         #[arg(long)]
         reason: Option<String>,
         /// At most this many, oldest first

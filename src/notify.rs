@@ -51,6 +51,7 @@ impl Notifier {
             }
         }
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
-        (usec > 0).then(|| Duration::from_micros(usec / 2))
+        // Never a zero period (a timer cannot tick at it); systemd's own minimum is far above.
+        (usec > 0).then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(10)))
     }
 }

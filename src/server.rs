@@ -132,7 +132,9 @@ async fn serve(listener: Listener, shared: Arc<Shared>, mut shutdown: Shutdown) 
         match accepted {
             Ok(Stream::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                let local = stream.peer_addr().is_ok_and(|peer| peer.ip().is_loopback());
+                let local = stream
+                    .peer_addr()
+                    .is_ok_and(|peer| peer.ip().to_canonical().is_loopback());
                 serve_connection(stream, local, &shared, permit, &graceful);
             }
             Ok(Stream::Unix(stream)) => serve_connection(stream, true, &shared, permit, &graceful),

@@ -315,3 +315,89 @@ async fn heavy_churn_of_appends_and_removals_does_not_deadlock() {
     assert!(queue.read(0, 1).unwrap().is_empty());
     queue.close().await.unwrap();
 }
+
+/// Dead letters named twice, in one purge or replay, are purged or queued once: their bytes
+/// come back once (a double release once wrapped the count and refused every append).
+#[tokio::test]
+async fn dead_letters_named_twice_count_once() {
+    use grouprelay::queue::DeadReason;
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
+    queue
+        .append("key", 1, &[call(1), call(2)], &[])
+        .await
+        .unwrap();
+    let calls = queue.read(0, usize::MAX).unwrap();
+    let reason = DeadReason {
+        reason: "expired",
+        status: None,
+        response: String::new(),
+        attempts: 1,
+    };
+    queue.dead_letter(&calls, &reason).unwrap();
+    let ids: Vec<u64> = queue
+        .dead_entries()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(queue.replay_dead(&[ids[0], ids[0]]).await.unwrap(), 1);
+    assert_eq!(queue.counts().accepted, 3);
+    assert_eq!(queue.purge_dead(&[ids[1], ids[1]]).unwrap(), 1);
+    assert!(queue.dead_entries().unwrap().is_empty());
+    assert_eq!(queue.stored_bytes(), queue.recount_stored_bytes().unwrap());
+    // The replayed call is queued, with its messageId.
+    let pending = queue.read(0, usize::MAX).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].record.call, call(1));
+    queue.close().await.unwrap();
+}
+
+/// Two readers meeting the same damaged chunk at once quarantine it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_chunk_read_by_two_at_once_is_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
+    for i in 0..3 {
+        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
+    }
+    queue.close().await.unwrap();
+    drop(queue);
+    {
+        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
+        let tree = db.open_tree("queue").unwrap();
+        tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    for _ in 0..20 {
+        // Fresh copies of the damaged database, so each round races anew.
+        let queue = open_again(QueueOptions::new(dir.path())).await;
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (queue, barrier) = (queue.clone(), barrier.clone());
+                tokio::task::spawn_blocking(move || {
+                    barrier.wait();
+                    queue.read(0, 10).unwrap().len()
+                })
+            })
+            .collect();
+        for reader in readers {
+            assert_eq!(reader.await.unwrap(), 2);
+        }
+        let counts = queue.counts();
+        assert_eq!(counts.dead.get("quarantined"), Some(&1), "{counts:?}");
+        assert_eq!(counts.pending, 2);
+        queue.close().await.unwrap();
+        drop(queue);
+        // Put the damaged chunk back for the next round.
+        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
+        let tree = db.open_tree("queue").unwrap();
+        tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
+        let ledger = tree.remove(b"l").unwrap();
+        assert!(ledger.is_some());
+        db.open_tree("quarantine").unwrap().clear().unwrap();
+        db.flush().unwrap();
+    }
+}

@@ -47,6 +47,7 @@ pub struct DeadSummary {
 
 /// Which dead letters a replay or purge takes.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Selection {
     #[serde(default)]
     pub ids: Vec<u64>,

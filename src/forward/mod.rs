@@ -446,9 +446,6 @@ impl Forwarder {
         match outcome {
             Outcome::Delivered => {
                 crate::failpoint::hit("forward-after-delivered");
-                crate::metrics::metrics()
-                    .calls_delivered
-                    .inc_by(calls.len() as u64);
                 {
                     let now = clock::unix_ms(SystemTime::now());
                     let mut health = self.health.lock().expect("health lock");

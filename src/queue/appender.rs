@@ -89,9 +89,13 @@ impl Appender {
     /// Writes rounds until nothing is pending, or hands on to a new task after
     /// [`ROUNDS_PER_WRITER`].
     fn write_rounds(self: &Arc<Self>) {
+        let _unwinding = WriterGuard(self);
         for _ in 0..ROUNDS_PER_WRITER {
             let round = {
-                let mut pending = self.pending.lock().expect("appender lock");
+                let mut pending = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 if pending.round.is_empty() {
                     pending.writing = false;
                     drop(pending);
@@ -124,6 +128,28 @@ impl Appender {
             }
             idle.await;
         }
+    }
+}
+
+/// Should a write panic (inside sled, say), lets the next request become the writer instead
+/// of every later one waiting for a writer that is gone; the requests pending then get an
+/// error (their answer channels are dropped).
+struct WriterGuard<'a>(&'a Appender);
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut pending = self
+            .0
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pending.round.clear();
+        pending.writing = false;
+        drop(pending);
+        self.0.idle.notify_waiters();
     }
 }
 

@@ -222,10 +222,17 @@ struct Hooks {
     after_flush: Box<dyn Fn(u64) + Send + Sync>,
 }
 
-/// Makes sled's blob files durable: each new one once, then the directory that names it.
+/// Makes sled's blob files durable: each new one, then the directory that names it.
+///
+/// A blob found by one flush may still be being written (sled writes blobs while it reserves
+/// log space, not when it flushes), so a file counts as done only once a second flush has
+/// synced it again; until then each flush syncs it.
 struct BlobSync {
     dir: PathBuf,
+    /// Synced by two flushes: complete and durable.
     synced: HashSet<OsString>,
+    /// Synced once.
+    fresh: HashSet<OsString>,
 }
 
 impl BlobSync {
@@ -233,17 +240,19 @@ impl BlobSync {
         BlobSync {
             dir,
             synced: HashSet::new(),
+            fresh: HashSet::new(),
         }
     }
 
     fn sync_new(&mut self) -> std::io::Result<()> {
-        let mut present = HashSet::new();
-        let mut any_new = false;
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
+        let mut present = HashSet::new();
+        let mut fresh = HashSet::new();
+        let mut any_new = false;
         for entry in entries {
             let name = entry?.file_name();
             if !self.synced.contains(&name) {
@@ -253,7 +262,13 @@ impl BlobSync {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 }
-                any_new = true;
+                if self.fresh.contains(&name) {
+                    present.insert(name);
+                } else {
+                    any_new = true;
+                    fresh.insert(name);
+                }
+                continue;
             }
             present.insert(name);
         }
@@ -261,6 +276,7 @@ impl BlobSync {
             sync_dir(&self.dir)?;
         }
         self.synced = present;
+        self.fresh = fresh;
         Ok(())
     }
 }

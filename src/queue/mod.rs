@@ -76,8 +76,9 @@ const META_TREE: &str = "meta";
 const FORMAT_KEY: &str = "format";
 /// The database format this build writes and reads: 2 = calls in chunks.
 const DB_FORMAT: u8 = 2;
-/// The stored-bytes count as of the last flush.
-const STORED_BYTES_KEY: &str = "stored_bytes";
+/// Written by a clean `close`: the exact stored-bytes count. Removed at open, so that its
+/// absence tells a crash (and a recount) apart.
+const CLEAN_CLOSE_KEY: &str = "clean_close_stored_bytes";
 /// Keys in the queue tree: a chunk is `c` + first id + call count, its done-bits `a` + first
 /// id, the counters `l`.
 const CHUNK_PREFIX: u8 = b'c';
@@ -203,6 +204,7 @@ pub struct Queue {
 
 struct Inner {
     db: sled::Db,
+    meta: sled::Tree,
     /// Chunks, done-bits and counters.
     tree: sled::Tree,
     rejected: sled::Tree,
@@ -276,26 +278,15 @@ impl Queue {
             tree.insert(LEDGER_KEY, encode_counters(&books.counters)?)?;
             next_id = durable;
         }
-        let stored = Arc::new(AtomicU64::new(stored_bytes_at_open(
-            &meta,
-            [&tree, &rejected, &dead],
-        )?));
+        let stored = Arc::new(AtomicU64::new(stored_bytes_at_open(&meta, &db)?));
         let rejected_count = AtomicU64::new(rejected.len() as u64);
         db.flush()?;
         let data_file = File::open(path.join("db")).map_err(|e| {
             QueueError::Storage(format!("cannot open {}: {e}", path.join("db").display()))
         })?;
         let inserted_end = Arc::new(AtomicU64::new(next_id));
-        let (written, counted) = (inserted_end.clone(), stored.clone());
-        let before_flush = move || {
-            // The byte count rides along with every flush, so a restart need not read the
-            // whole queue to know it (a crash can leave it off by the calls in flight).
-            let bytes = counted.load(Ordering::SeqCst);
-            if let Err(e) = meta.insert(STORED_BYTES_KEY, &bytes.to_be_bytes()) {
-                tracing::warn!(error = %e, "cannot record the queue's byte count");
-            }
-            written.load(Ordering::SeqCst)
-        };
+        let written = inserted_end.clone();
+        let before_flush = move || written.load(Ordering::SeqCst);
         let (commit, committer) = GroupCommit::start(
             db.clone(),
             data_file,
@@ -315,6 +306,7 @@ impl Queue {
         Ok(Queue {
             inner: Arc::new(Inner {
                 db,
+                meta,
                 tree,
                 rejected,
                 dead,
@@ -385,17 +377,26 @@ impl Queue {
                 inner.rejected.apply_batch(batch)
             })();
             if let Err(e) = written {
-                inner.stored_bytes.fetch_sub(size, Ordering::SeqCst);
+                release(&inner.stored_bytes, size);
                 tracing::error!(error = %e, "cannot keep rejected calls");
                 return Err(e.into());
             }
             inner.rejected_count.fetch_add(count, Ordering::SeqCst);
         }
         if records.is_empty() {
-            return Ok(());
+            // Only rejected calls: they too are answered once durable.
+            return match inner.durability {
+                Durability::Fsync => inner.commit.durable().await.map_err(|e| {
+                    QueueError::Storage(format!("rejected calls not made durable ({e})"))
+                }),
+                Durability::Interval => {
+                    inner.commit.mark_dirty();
+                    Ok(())
+                }
+            };
         }
         if let Err(e) = inner.appender.append(records).await {
-            inner.stored_bytes.fetch_sub(calls_size, Ordering::SeqCst);
+            release(&inner.stored_bytes, calls_size);
             return Err(e);
         }
         match inner.durability {
@@ -516,12 +517,16 @@ impl Queue {
         );
         let quarantine = inner.db.open_tree(QUARANTINE_TREE)?;
         let mut books = inner.books.lock().expect("books lock");
-        let lost = u64::from(chunk.count) - books.done_in(chunk.first);
+        let key = chunk_key(chunk.first, chunk.count);
+        if inner.tree.get(key)?.as_deref() != Some(damaged.value.as_slice()) {
+            // Another reader moved it meanwhile: count it once.
+            return Ok(());
+        }
+        let lost = u64::from(chunk.count).saturating_sub(books.done_in(chunk.first));
         let mut counters = books.counters.clone();
         *counters.dead.entry("quarantined".into()).or_default() += lost;
         counters.next_id_floor = counters.next_id_floor.max(chunk.end());
         let ledger = encode_counters(&counters)?;
-        let key = chunk_key(chunk.first, chunk.count);
         let mut entry = Vec::with_capacity(damaged.reason.len() + 1 + damaged.value.len());
         entry.extend_from_slice(damaged.reason.as_bytes());
         entry.push(b'\n');
@@ -546,9 +551,7 @@ impl Queue {
         inner
             .stored_bytes
             .fetch_add(entry.len() as u64 + KEY_OVERHEAD, Ordering::SeqCst);
-        inner
-            .stored_bytes
-            .fetch_sub(chunk.stored_bytes, Ordering::SeqCst);
+        release(&inner.stored_bytes, chunk.stored_bytes);
         inner.commit.mark_dirty();
         Ok(())
     }
@@ -573,9 +576,10 @@ impl Queue {
         batch.insert(LEDGER_KEY, encode_counters(&counters)?);
         inner.tree.apply_batch(batch)?;
         books.apply(&settlement, counters);
-        inner
-            .stored_bytes
-            .fetch_sub(settlement.freed_bytes(), Ordering::SeqCst);
+        crate::metrics::metrics()
+            .calls_delivered
+            .inc_by(settlement.newly_done.len() as u64);
+        release(&inner.stored_bytes, settlement.freed_bytes());
         if settlement.freed_bytes() > 0 {
             inner.at_limit.store(false, Ordering::SeqCst);
         }
@@ -651,9 +655,7 @@ impl Queue {
             .sum();
         // Dead letters still count against the limit, as they still take disk.
         inner.stored_bytes.fetch_add(added, Ordering::SeqCst);
-        inner
-            .stored_bytes
-            .fetch_sub(settlement.freed_bytes(), Ordering::SeqCst);
+        release(&inner.stored_bytes, settlement.freed_bytes());
         inner.commit.mark_dirty();
         Ok(())
     }
@@ -694,7 +696,9 @@ impl Queue {
             accepted,
             delivered: counters.delivered,
             dead: counters.dead.clone(),
-            pending: accepted - counters.delivered - counters.dead_total(),
+            pending: accepted
+                .saturating_sub(counters.delivered)
+                .saturating_sub(counters.dead_total()),
             rejected: self.inner.rejected_count.load(Ordering::SeqCst),
         }
     }
@@ -729,18 +733,18 @@ impl Queue {
     /// were deleted.
     pub fn purge_dead(&self, ids: &[u64]) -> Result<usize, QueueError> {
         let inner = &self.inner;
-        let mut batch = sled::Batch::default();
         let mut freed = 0;
         let mut purged = 0;
-        for id in ids {
-            if let Some(value) = inner.dead.get(id.to_be_bytes())? {
-                batch.remove(&id.to_be_bytes());
+        let unique: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+        for id in unique {
+            // One key at a time, counting only what this removal took: an id named twice, or
+            // purged by two operators at once, frees its bytes once.
+            if let Some(value) = inner.dead.remove(id.to_be_bytes())? {
                 freed += value.len() as u64 + KEY_OVERHEAD;
                 purged += 1;
             }
         }
-        inner.dead.apply_batch(batch)?;
-        inner.stored_bytes.fetch_sub(freed, Ordering::SeqCst);
+        release(&inner.stored_bytes, freed);
         if freed > 0 {
             inner.at_limit.store(false, Ordering::SeqCst);
         }
@@ -756,7 +760,8 @@ impl Queue {
     pub async fn replay_dead(&self, ids: &[u64]) -> Result<usize, QueueError> {
         let now = crate::clock::unix_ms(std::time::SystemTime::now());
         let mut by_key: BTreeMap<String, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
-        for &id in ids {
+        let unique: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+        for id in unique {
             if let Some(record) = self.dead_entry(id)? {
                 by_key
                     .entry(record.write_key)
@@ -786,6 +791,11 @@ impl Queue {
         self.inner.stored_bytes.load(Ordering::SeqCst)
     }
 
+    /// The same count, made again from what the database holds (reads it all).
+    pub fn recount_stored_bytes(&self) -> Result<u64, QueueError> {
+        recount_stored_bytes(&self.inner.db)
+    }
+
     /// Flushes run so far: with group commit, far fewer than appends under concurrency.
     pub fn flushes(&self) -> u64 {
         self.inner.commit.flushes()
@@ -802,6 +812,11 @@ impl Queue {
         let inner = &self.inner;
         inner.closed.store(true, Ordering::SeqCst);
         inner.appender.close().await;
+        // Everything is written: the count is exact, and the next open may take it as is.
+        let bytes = inner.stored_bytes.load(Ordering::SeqCst);
+        if let Err(e) = inner.meta.insert(CLEAN_CLOSE_KEY, &bytes.to_be_bytes()) {
+            tracing::warn!(error = %e, "cannot record the queue's byte count");
+        }
         let result = inner.commit.durable().await;
         inner.commit.stop();
         let committer = inner.committer.lock().expect("committer lock").take();
@@ -965,20 +980,42 @@ fn rejected_record(
     .map_err(|e| QueueError::Storage(e.to_string()))
 }
 
-/// Bytes counted against the limit: the count recorded at the last flush, or, for a database
-/// without one, a full count.
-fn stored_bytes_at_open(meta: &sled::Tree, trees: [&sled::Tree; 3]) -> Result<u64, QueueError> {
-    if trees.iter().all(|t| t.is_empty()) {
-        return Ok(0);
+/// Gives bytes back to the limit, never below zero (a count that wrapped would refuse every
+/// append for good).
+fn release(stored: &AtomicU64, bytes: u64) {
+    let _ = stored.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+        Some(now.saturating_sub(bytes))
+    });
+}
+
+/// Bytes counted against the limit. After a clean `close` the count it recorded is exact and
+/// is taken (and the mark removed, so that a crash from now on is noticed); after a crash, or
+/// for an older database, the stored values are counted again, the way the running count
+/// counts them: chunks, dead letters, rejected calls and quarantined chunks, each with its
+/// key's overhead, and not the counters or the done-bits.
+fn stored_bytes_at_open(meta: &sled::Tree, db: &sled::Db) -> Result<u64, QueueError> {
+    let recorded = meta
+        .remove(CLEAN_CLOSE_KEY)?
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+        .map(u64::from_be_bytes);
+    if let Some(bytes) = recorded {
+        return Ok(bytes);
     }
-    if let Some(recorded) = meta.get(STORED_BYTES_KEY)? {
-        if let Ok(bytes) = <[u8; 8]>::try_from(recorded.as_ref()) {
-            return Ok(u64::from_be_bytes(bytes));
-        }
-    }
+    recount_stored_bytes(db)
+}
+
+/// The bytes the stored values hold against the limit, counted from the database.
+fn recount_stored_bytes(db: &sled::Db) -> Result<u64, QueueError> {
     let mut stored = 0;
-    for tree in trees {
-        for value in tree.iter().values() {
+    for value in db
+        .open_tree(QUEUE_TREE)?
+        .scan_prefix([CHUNK_PREFIX])
+        .values()
+    {
+        stored += value?.len() as u64 + KEY_OVERHEAD;
+    }
+    for name in [DEAD_TREE, REJECTED_TREE, QUARANTINE_TREE] {
+        for value in db.open_tree(name)?.iter().values() {
             stored += value?.len() as u64 + KEY_OVERHEAD;
         }
     }
