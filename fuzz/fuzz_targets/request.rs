@@ -41,7 +41,10 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(parsed) = spec::parse_body(endpoint, body, &mut receipt) {
         for call in &parsed.calls {
-            assert!(call.len() <= spec::MAX_CALL_BYTES, "an accepted call over the limit");
+            assert!(
+                call.len() <= spec::MAX_CALL_BYTES,
+                "an accepted call over the limit"
+            );
             let value: serde_json::Value =
                 serde_json::from_slice(call).expect("an accepted call is JSON");
             assert!(value.is_object(), "an accepted call is an object");
