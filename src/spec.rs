@@ -19,10 +19,10 @@ pub const MAX_CALL_BYTES: usize = 32 * 1024;
 pub const MAX_CALLS_PER_REQUEST: usize = 2_500;
 /// `messageId` must be shorter than this many characters.
 const MAX_MESSAGE_ID_CHARS: usize = 100;
-/// Deepest nesting of JSON objects and arrays in a body. The spec sets no limit; calls
-/// nest a few levels (a batch, a call, its traits or context, their values), and a body
-/// nested thousands deep is an attack on whoever parses it next (upstream, or an operator's
-/// tools reading the dead letters), not data.
+/// Deepest nesting of JSON objects and arrays in a call (the call's own braces count as one).
+/// The spec sets no limit; calls nest a few levels (the call, its traits or context, their
+/// values), and a call nested thousands deep is an attack on whoever parses it next
+/// (upstream, or an operator's tools reading the dead letters), not data.
 pub const MAX_JSON_DEPTH: usize = 64;
 
 /// The six Segment call types.
@@ -203,21 +203,6 @@ pub fn parse_body(
 ) -> Result<Body, Violation> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| Violation::new("invalid_json", "the body is not valid UTF-8"))?;
-    match scan(bytes, MAX_JSON_DEPTH) {
-        Scan::Fine => {}
-        Scan::TooDeep => {
-            return Err(Violation::new(
-                "too_deep",
-                format!("the body nests JSON deeper than {MAX_JSON_DEPTH} levels"),
-            ))
-        }
-        Scan::NumberOutOfRange => {
-            return Err(Violation::new(
-                "invalid_json",
-                "a number in the body is out of range (beyond a 64-bit float)",
-            ))
-        }
-    }
     let top = Entries::parse(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             Violation::new("invalid_body", "the body must be a JSON object")
@@ -414,6 +399,23 @@ fn normalise(
         writer.finish();
         out
     };
+    // Checked on the call as it will be sent (batch context merged in), so that in a batch
+    // only the call is refused, never its neighbours.
+    match scan(&bytes, MAX_JSON_DEPTH) {
+        Scan::Fine => {}
+        Scan::TooDeep => {
+            return Err(Violation::new(
+                "too_deep",
+                format!("the call nests JSON deeper than {MAX_JSON_DEPTH} levels"),
+            ))
+        }
+        Scan::NumberOutOfRange => {
+            return Err(Violation::new(
+                "number_out_of_range",
+                "the call holds a number beyond a 64-bit float (e.g. 1e400)",
+            ))
+        }
+    }
     if bytes.len() > MAX_CALL_BYTES {
         return Err(Violation::new(
             "call_too_large",

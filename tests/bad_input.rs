@@ -196,7 +196,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     let ten_thousand = format!(r#"{{"batch":[{}]}}"#, vec![group("u"); 10_000].join(","));
     let two_mb = vec![b' '; 2 << 20];
     let nested = format!(
-        r#"{{"batch":[{{"type":"group","userId":"u","groupId":"g","traits":{{"x":{}{}}}}}]}}"#,
+        r#"{{"userId":"u","context":{{"x":{}{}}}}}"#,
         "[".repeat(10_000),
         "]".repeat(10_000)
     );
@@ -676,7 +676,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "JSON nested 10,000 deep",
-            keyed("/v1/batch", &nested),
+            keyed("/v1/identify", &nested),
             400,
             "too_deep",
         ),
@@ -693,7 +693,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
                 r#"{"userId":"u","groupId":"g","traits":{"n":222.2E22220}}"#,
             ),
             400,
-            "invalid_json",
+            "number_out_of_range",
         ),
         case(
             "Basic auth that is not base64",
@@ -740,7 +740,12 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
 /// rejected store with their code and the JSON exactly as sent.
 #[tokio::test]
 async fn mixed_batch_queues_valid_calls_and_keeps_rejected_ones() {
-    let items: [(&str, Option<&str>); 10] = [
+    let deep = format!(
+        r#"{{"type":"group","userId":"u10","groupId":"g","traits":{{"x":{}{}}}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let items: [(&str, Option<&str>); 12] = [
         (r#"{"type":"group","userId":"u0","groupId":"g"}"#, None),
         (
             r#"{"type":"group","userId":"u1"}"#,
@@ -765,6 +770,12 @@ async fn mixed_batch_queues_valid_calls_and_keeps_rejected_ones() {
         (
             r#"{"type":"track","userId":"u9","event":""}"#,
             Some("invalid_event"),
+        ),
+        // Refused on their own; their neighbours are queued all the same.
+        (deep.as_str(), Some("too_deep")),
+        (
+            r#"{"type":"group","userId":"u11","groupId":"g","traits":{"n":1e400}}"#,
+            Some("number_out_of_range"),
         ),
     ];
     let body = format!(
