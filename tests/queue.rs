@@ -1,5 +1,7 @@
 //! The queue's guarantees, tested as properties on a real sled database in a temp dir.
 
+use std::future::Future;
+
 use grouprelay::queue::{Durability, Queue, QueueError, QueueOptions};
 
 /// Opens a queue this process closed a moment ago. sled's own I/O threads can hold the
@@ -165,6 +167,46 @@ async fn interval_mode_acknowledges_before_the_flush_and_still_persists_on_close
     let queue = open_again(options).await;
     assert_eq!(queue.read(0, usize::MAX).unwrap().len(), 20);
     queue.close().await.unwrap();
+}
+
+/// The first of several concurrent appends writes for all of them, after letting the others
+/// join. A request dropped at that moment (its client gone) must still write what it and the
+/// others handed over, and must not leave later appends waiting for a writer that never comes.
+#[tokio::test]
+async fn an_append_dropped_before_it_writes_still_writes_and_unblocks_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = QueueOptions {
+        durability: Durability::Interval,
+        ..QueueOptions::new(dir.path())
+    };
+    let queue = Queue::open(options).unwrap();
+    // Poll the append once (it becomes the writer and yields), then drop it.
+    let first = [call(1)];
+    let mut dropped = Box::pin(queue.append("key", 1, &first, &[]));
+    let first_poll =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(dropped.as_mut().poll(cx))).await;
+    assert!(
+        first_poll.is_pending(),
+        "the append should yield before it writes"
+    );
+    drop(dropped);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        queue.append("key", 1, &[call(2)], &[]),
+    )
+    .await
+    .expect("a later append waits for a writer that is gone")
+    .unwrap();
+    queue.close().await.unwrap();
+    let calls = queue.read(0, usize::MAX).unwrap();
+    let users: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            let v: serde_json::Value = serde_json::from_slice(&c.record.call).unwrap();
+            v["userId"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(users, ["u1", "u2"]);
 }
 
 #[tokio::test]

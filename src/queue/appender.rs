@@ -81,7 +81,11 @@ impl Appender {
             !std::mem::replace(&mut pending.writing, true)
         };
         if lead {
-            self.write_rounds();
+            // Let the other requests this worker has ready run first, so that they join the
+            // round: without this, under 64 connections a round held 1.1 calls on average
+            // (a sled key each); with it, about 8 (bench: interval CPU per request -12 %).
+            let _writes_when_dropped = Lead(self.clone());
+            tokio::task::yield_now().await;
         }
         answer.await.map_err(|_| closed())?
     }
@@ -128,6 +132,17 @@ impl Appender {
             }
             idle.await;
         }
+    }
+}
+
+/// The writing duty of the request that found no one writing, carried out when dropped: so
+/// that a request dropped while it yields (its client gone) still writes the round, which
+/// would otherwise be left without a writer.
+struct Lead(Arc<Appender>);
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        self.0.write_rounds();
     }
 }
 
