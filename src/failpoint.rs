@@ -9,6 +9,12 @@
 //! |---|---|
 //! | `queue-after-write` | calls written into sled, before any flush covers them and before the client is answered |
 //! | `forward-after-delivered` | upstream answered 2xx for a batch, before its calls are removed from the queue |
+//!
+//! One point panics instead of aborting, to show that a panic there harms nothing else:
+//!
+//! | name | where |
+//! |---|---|
+//! | `queue-write-panics` | the appender, about to write a round into sled |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -41,10 +47,21 @@ fn armed() -> &'static [Armed] {
 
 /// Aborts the process if the point `name` is armed and this is its Nth hit.
 pub fn hit(name: &str) {
-    for point in armed() {
-        if point.name == name && point.hits.fetch_add(1, Ordering::SeqCst) + 1 == point.at {
-            eprintln!("grouprelay: failpoint {name} reached; aborting");
-            std::process::abort();
-        }
+    if reached(name) {
+        eprintln!("grouprelay: failpoint {name} reached; aborting");
+        std::process::abort();
     }
+}
+
+/// Panics if the point `name` is armed and this is its Nth hit.
+pub fn panic_at(name: &str) {
+    if reached(name) {
+        panic!("failpoint {name} reached");
+    }
+}
+
+fn reached(name: &str) -> bool {
+    armed().iter().any(|point| {
+        point.name == name && point.hits.fetch_add(1, Ordering::SeqCst) + 1 == point.at
+    })
 }

@@ -85,6 +85,50 @@ async fn a_crash_between_written_and_flushed_loses_nothing_acknowledged() {
     assert_eq!(distinct_delivered(&upstream).len() as u64, counts.accepted);
 }
 
+/// A panic while a request writes everyone's calls (inside sled, say) fails the requests of
+/// that round; later requests are answered (503: the writer's state is no longer trusted)
+/// instead of waiting for a writer that is gone, and what was acknowledged stays.
+#[tokio::test]
+async fn a_panic_in_the_queue_write_fails_only_its_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with_env(
+        dir.path(),
+        &["--write-key", "K"],
+        &[("GROUPRELAY_FAILPOINTS", "queue-write-panics=2")],
+    );
+    let first = daemon
+        .send(&post("/v1/group", None, call("p1").as_bytes()))
+        .await;
+    assert_eq!(first.status, 200);
+    // The second write panics in this request's task: no 200 for it.
+    let stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let answer = common::exchange(stream, &post("/v1/group", None, call("p2").as_bytes())).await;
+    assert!(
+        answer.as_ref().map_or(true, |a| a.status != 200),
+        "the panicked write was acknowledged: {answer:?}"
+    );
+    let third = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        daemon.send(&post("/v1/group", None, call("p3").as_bytes())),
+    )
+    .await
+    .expect("the request after the panic waits for a writer that is gone");
+    assert_eq!(third.status, 503, "{third:?}");
+    let health = daemon.send(&common::get("/health")).await;
+    assert_eq!(health.status, 200);
+    assert!(daemon.terminate().success());
+    // A restart reads the state back from disk and accepts again.
+    let daemon = Daemon::start(dir.path(), &["--write-key", "K"]);
+    let fourth = daemon
+        .send(&post("/v1/group", None, call("p4").as_bytes()))
+        .await;
+    assert_eq!(fourth.status, 200);
+    assert!(daemon.terminate().success());
+    let (counts, pending) = books(dir.path()).await;
+    assert_eq!(counts.accepted, 2, "{counts:?}");
+    assert_eq!(pending, 2);
+}
+
 #[tokio::test]
 async fn a_crash_between_delivered_and_removed_resends_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -95,7 +95,7 @@ impl Appender {
     /// Writes rounds until nothing is pending, or hands on to a new task after
     /// [`ROUNDS_PER_WRITER`].
     fn write_rounds(self: &Arc<Self>) {
-        let _unwinding = WriterGuard(self);
+        let unwinding = WriterGuard(self);
         for _ in 0..ROUNDS_PER_WRITER {
             let round = {
                 let mut pending = self
@@ -106,15 +106,25 @@ impl Appender {
                     pending.writing = false;
                     drop(pending);
                     self.idle.notify_waiters();
+                    std::mem::forget(unwinding);
                     return;
                 }
                 std::mem::take(&mut pending.round)
             };
-            self.target
-                .lock()
-                .expect("appender target lock")
-                .write(round);
+            match self.target.lock() {
+                Ok(mut target) => target.write(round),
+                // An earlier write panicked part way: the next id and the byte count may no
+                // longer match what sled holds, and writing on could overwrite stored calls.
+                // Refuse (503) until a restart reads the state back from disk.
+                Err(_) => answer(
+                    round,
+                    Err(QueueError::Storage(
+                        "an earlier queue write failed part way; restart grouprelay".into(),
+                    )),
+                ),
+            }
         }
+        std::mem::forget(unwinding);
         let next = self.clone();
         tokio::spawn(async move { next.write_rounds() });
     }
@@ -150,14 +160,13 @@ impl Drop for Lead {
 
 /// Should a write panic (inside sled, say), lets the next request become the writer instead
 /// of every later one waiting for a writer that is gone; the requests pending then get an
-/// error (their answer channels are dropped).
+/// error (their answer channels are dropped). Forgotten on every normal exit, so it acts
+/// only when the write itself unwinds, not when a [`Lead`] writes while its thread unwinds
+/// from something else.
 struct WriterGuard<'a>(&'a Appender);
 
 impl Drop for WriterGuard<'_> {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
         let mut pending = self
             .0
             .pending
@@ -204,6 +213,7 @@ impl Target {
             seal(&mut packing, &mut first);
         }
         let chunk_count = chunks.len() as u64;
+        crate::failpoint::panic_at("queue-write-panics");
         let written = if chunks.len() == 1 {
             // One insert is atomic by itself, and far cheaper than a batch of one: sled's
             // `apply_batch` seals a batch marker into its log every time.
@@ -237,8 +247,12 @@ impl Target {
                 Err(QueueError::from(e))
             }
         };
-        for (_, reply) in round {
-            let _ = reply.send(result.clone());
-        }
+        answer(round, result);
+    }
+}
+
+fn answer(round: Round, result: Result<(), QueueError>) {
+    for (_, reply) in round {
+        let _ = reply.send(result.clone());
     }
 }
