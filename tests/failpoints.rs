@@ -116,6 +116,9 @@ async fn a_panic_in_the_queue_write_fails_only_its_round() {
     assert_eq!(third.status, 503, "{third:?}");
     let health = daemon.send(&common::get("/health")).await;
     assert_eq!(health.status, 200);
+    // Not ready, so that an operator (or a probe) sees it needs a restart.
+    let ready = daemon.send(&common::get("/ready")).await;
+    assert_eq!(ready.status, 503, "{ready:?}");
     assert!(daemon.terminate().success());
     // A restart reads the state back from disk and accepts again.
     let daemon = Daemon::start(dir.path(), &["--write-key", "K"]);

@@ -129,6 +129,11 @@ impl Appender {
         tokio::spawn(async move { next.write_rounds() });
     }
 
+    /// A write panicked part way, and appends are refused until a restart.
+    pub fn broken(&self) -> bool {
+        self.target.is_poisoned()
+    }
+
     /// Refuses appends from now on and waits until every one already pending is written.
     pub async fn close(&self) {
         loop {

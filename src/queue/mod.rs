@@ -666,6 +666,9 @@ impl Queue {
         if inner.closed.load(Ordering::SeqCst) {
             return Err("the queue is closed: grouprelay is stopping".into());
         }
+        if inner.appender.broken() {
+            return Err("a queue write failed part way: restart grouprelay".into());
+        }
         let stored = inner.stored_bytes.load(Ordering::SeqCst);
         if stored >= inner.max_bytes || inner.at_limit.load(Ordering::SeqCst) {
             return Err(format!(
