@@ -933,7 +933,7 @@ pub(crate) fn chunk_key(first: u64, count: u32) -> [u8; 13] {
     key
 }
 
-fn decode_chunk_key(key: &[u8]) -> Result<ChunkRef, QueueError> {
+pub(crate) fn decode_chunk_key(key: &[u8]) -> Result<ChunkRef, QueueError> {
     match key {
         [CHUNK_PREFIX, first @ .., c0, c1, c2, c3] if first.len() == 8 => Ok(ChunkRef {
             first: u64::from_be_bytes(first.try_into().expect("8 bytes")),

@@ -7,19 +7,25 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::clock;
 
 /// How long a reading above the floor is trusted before the filesystem is asked again.
 const RECHECK_MS: u64 = 1_000;
+/// Disk bytes one byte of calls is assumed to cost until the next reading: sled writes a
+/// value to its log, then again as part of its rewritten pages.
+const WRITE_AMPLIFICATION: u64 = 4;
 
 pub(crate) struct FreeSpace {
     path: CString,
     floor: u64,
     checked_ms: AtomicU64,
-    above_floor: AtomicBool,
+    /// Call bytes that may still be taken before the filesystem is asked again: the last
+    /// reading's room above the floor, divided by [`WRITE_AMPLIFICATION`]. A second is not
+    /// enough on its own: a fast writer fills a small disk in less.
+    budget: AtomicU64,
 }
 
 impl FreeSpace {
@@ -29,7 +35,7 @@ impl FreeSpace {
             path: CString::new(path.as_os_str().as_bytes()).unwrap_or_default(),
             floor,
             checked_ms: AtomicU64::new(0),
-            above_floor: AtomicBool::new(false),
+            budget: AtomicU64::new(0),
         }
     }
 
@@ -38,15 +44,15 @@ impl FreeSpace {
     }
 
     /// `Err(free bytes)` when taking `size` more bytes would go below the floor. A reading
-    /// above the floor is reused for a second; below it, every call asks again, so calls are
-    /// taken again as soon as space returns.
+    /// above the floor is reused for a second, and for at most its room's worth of calls;
+    /// below it, every call asks again, so calls are taken again as soon as space returns.
     pub(crate) fn check(&self, size: u64) -> Result<(), u64> {
         if self.floor == 0 {
             return Ok(());
         }
         let now = clock::unix_ms(SystemTime::now());
         let fresh = now.saturating_sub(self.checked_ms.load(Ordering::Relaxed)) < RECHECK_MS;
-        if fresh && self.above_floor.load(Ordering::Relaxed) {
+        if fresh && self.take_from_budget(size) {
             return Ok(());
         }
         let Some(free) = self.free_bytes() else {
@@ -54,13 +60,25 @@ impl FreeSpace {
             return Ok(());
         };
         let above = free >= self.floor.saturating_add(size);
-        self.above_floor.store(above, Ordering::Relaxed);
-        self.checked_ms.store(now, Ordering::Relaxed);
+        let room = free.saturating_sub(self.floor).saturating_sub(size);
+        self.budget
+            .store(room / WRITE_AMPLIFICATION, Ordering::Relaxed);
+        // Below the floor, the next call asks again.
+        self.checked_ms
+            .store(if above { now } else { 0 }, Ordering::Relaxed);
         if above {
             Ok(())
         } else {
             Err(free)
         }
+    }
+
+    fn take_from_budget(&self, size: u64) -> bool {
+        self.budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(size)
+            })
+            .is_ok()
     }
 
     /// Bytes available to unprivileged writers on the filesystem, per statvfs.
