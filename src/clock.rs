@@ -10,17 +10,41 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// `2015-02-23T22:28:55.111Z`.
+///
+/// Written digit by digit: it runs for every request and every upstream batch, and
+/// `format!` cost about 2 % of the daemon's CPU under load (bench profile).
 pub fn rfc3339_millis(t: SystemTime) -> String {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let secs = since.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     let (year, month, day) = civil_from_days(days);
+    let Ok(year @ 0..=9999) = u32::try_from(year) else {
+        return formatted(year, month, day, rem, since.subsec_millis());
+    };
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    put_digits(&mut out[0..4], year);
+    put_digits(&mut out[5..7], month);
+    put_digits(&mut out[8..10], day);
+    put_digits(&mut out[11..13], (rem / 3600) as u32);
+    put_digits(&mut out[14..16], (rem / 60 % 60) as u32);
+    put_digits(&mut out[17..19], (rem % 60) as u32);
+    put_digits(&mut out[20..23], since.subsec_millis());
+    out.iter().map(|&b| char::from(b)).collect()
+}
+
+fn put_digits(out: &mut [u8], mut n: u32) {
+    for digit in out.iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+fn formatted(year: i64, month: u32, day: u32, rem: u64, millis: u32) -> String {
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
         rem / 3600,
         rem / 60 % 60,
         rem % 60,
-        since.subsec_millis()
     )
 }
 
@@ -50,5 +74,18 @@ mod tests {
         assert_eq!(at(1_424_730_535_111), "2015-02-23T22:28:55.111Z");
         assert_eq!(at(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(at(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+        assert_eq!(at(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(at(253_402_300_800_000), "10000-01-01T00:00:00.000Z");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn digit_by_digit_matches_format(ms in 0u64..253_402_300_800_000) {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            let secs = ms / 1000;
+            let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+            let slow = formatted(year, month, day, secs % 86_400, (ms % 1000) as u32);
+            proptest::prop_assert_eq!(rfc3339_millis(t), slow);
+        }
     }
 }

@@ -227,6 +227,41 @@ async fn a_newer_format_is_refused() {
     }
 }
 
+/// In `fsync` mode an append answers only after a flush that covers it: from that moment a
+/// reader (which sees only flushed calls) finds every one of its calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fsync_append_answers_only_once_a_flush_covers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = QueueOptions {
+        // No periodic flush to cover a call by chance.
+        sync_interval: std::time::Duration::from_secs(3600),
+        ..QueueOptions::new(dir.path())
+    };
+    let queue = Queue::open(options).unwrap();
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    let n = w * 100 + i;
+                    queue.append("key", 1, &[call(n)], &[]).await.unwrap();
+                    let wanted = format!(r#""messageId":"m{n}""#);
+                    let visible = queue.read(0, usize::MAX).unwrap().iter().any(|c| {
+                        std::str::from_utf8(&c.record.call)
+                            .unwrap()
+                            .contains(&wanted)
+                    });
+                    assert!(visible, "m{n} was acknowledged before a flush covered it");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    queue.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn calls_are_handed_out_only_once_durable() {
     let dir = tempfile::tempdir().unwrap();

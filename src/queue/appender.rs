@@ -30,6 +30,19 @@ pub const CHUNK_BYTES: usize = 7_000;
 /// request is not held up behind a steady stream of others.
 const ROUNDS_PER_WRITER: usize = 8;
 
+/// Why an append did not succeed.
+#[derive(Debug)]
+pub(crate) enum AppendError {
+    /// Nothing of the request was written.
+    NotWritten(QueueError),
+    /// Written (`fsync` mode), but no flush is known to have made it durable.
+    NotDurable(Arc<str>),
+}
+
+/// How a request learns its append's outcome: in `interval` mode once written, in `fsync`
+/// mode once a flush has covered it (the committer sends it then).
+pub(crate) type Reply = oneshot::Sender<Result<(), AppendError>>;
+
 /// What the appender writes into, shared with the queue.
 pub(crate) struct Target {
     pub tree: sled::Tree,
@@ -71,13 +84,13 @@ impl Appender {
         }))
     }
 
-    /// Writes the records (not yet durable: the caller waits for that).
-    pub async fn append(self: &Arc<Self>, records: Vec<Vec<u8>>) -> Result<(), QueueError> {
+    /// Writes the records; in `fsync` mode returns only once a flush has covered them.
+    pub async fn append(self: &Arc<Self>, records: Vec<Vec<u8>>) -> Result<(), AppendError> {
         let (reply, answer) = oneshot::channel();
         let lead = {
             let mut pending = self.pending.lock().expect("appender lock");
             if pending.closed {
-                return Err(closed());
+                return Err(AppendError::NotWritten(closed()));
             }
             pending.round.push((records, reply));
             !std::mem::replace(&mut pending.writing, true)
@@ -90,7 +103,10 @@ impl Appender {
             tokio::task::yield_now().await;
             drop(lead);
         }
-        answer.await.map_err(|_| closed())?
+        // Dropped unanswered: the write panicked (see `WriterGuard`), or the committer did.
+        answer
+            .await
+            .unwrap_or(Err(AppendError::NotWritten(closed())))
     }
 
     /// Writes rounds until nothing is pending, or hands on to a new task after
@@ -117,12 +133,13 @@ impl Appender {
                 // An earlier write panicked part way: the next id and the byte count may no
                 // longer match what sled holds, and writing on could overwrite stored calls.
                 // Refuse (503) until a restart reads the state back from disk.
-                Err(_) => answer(
-                    round,
-                    Err(QueueError::Storage(
-                        "an earlier queue write failed part way; restart grouprelay".into(),
-                    )),
-                ),
+                Err(_) => {
+                    for (_, reply) in round {
+                        let _ = reply.send(Err(AppendError::NotWritten(QueueError::Storage(
+                            "an earlier queue write failed part way; restart grouprelay".into(),
+                        ))));
+                    }
+                }
             }
         }
         std::mem::forget(unwinding);
@@ -189,7 +206,7 @@ fn closed() -> QueueError {
     QueueError::Storage("the queue is closed".into())
 }
 
-type Round = Vec<(Vec<Vec<u8>>, oneshot::Sender<Result<(), QueueError>>)>;
+type Round = Vec<(Vec<Vec<u8>>, Reply)>;
 
 impl Target {
     fn write(&mut self, round: Round) {
@@ -242,12 +259,22 @@ impl Target {
         if error.is_none() {
             crate::failpoint::hit("queue-after-write");
         }
+        let mut stored = Vec::with_capacity(round.len());
         for ((_, reply), needs) in round.into_iter().zip(needs) {
-            let result = match &error {
-                Some(e) if needs > written => Err(e.clone()),
-                _ => Ok(()),
-            };
-            let _ = reply.send(result);
+            match &error {
+                Some(e) if needs > written => {
+                    let _ = reply.send(Err(AppendError::NotWritten(e.clone())));
+                }
+                _ => stored.push(reply),
+            }
+        }
+        match self.durability {
+            Durability::Fsync => self.commit.answer_after_flush(stored),
+            Durability::Interval => {
+                for reply in stored {
+                    let _ = reply.send(Ok(()));
+                }
+            }
         }
     }
 }
@@ -313,12 +340,6 @@ fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
         units.push(Unit { chunks, end });
     }
     (units, needs)
-}
-
-fn answer(round: Round, result: Result<(), QueueError>) {
-    for (_, reply) in round {
-        let _ = reply.send(result.clone());
-    }
 }
 
 #[cfg(test)]

@@ -8,20 +8,26 @@
 //! and of any *blob* files sled wrote since (sled writes a log message over a quarter of a
 //! segment, a large leaf say, to its own file under `blobs/` and never syncs it).
 //! Only this task ever flushes: sled has lost-wakeup bugs with several flushes in flight.
+//!
+//! In `fsync` mode the appender hands each written request's answer to the committer
+//! ([`GroupCommit::answer_after_flush`]), which sends it when the next flush to start has
+//! finished: one wake-up per request instead of one for the write and one for the flush.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
+
+use super::appender::{AppendError, Reply};
 use tokio::task::JoinHandle;
 
 /// How long a writer waits for the flush that covers it before giving up with an error.
-const FLUSH_WAIT_LIMIT: Duration = Duration::from_secs(5);
+pub(crate) const FLUSH_WAIT_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the flushes so far achieved.
 #[derive(Debug, Clone)]
@@ -47,6 +53,9 @@ pub(crate) struct GroupCommit {
     durable_end: AtomicU64,
     /// Woken when `durable_end` moves: there are new calls to read.
     pub(crate) advanced: Notify,
+    /// Answers of written requests, sent once the next flush to start has finished; `None`
+    /// once the committer has stopped.
+    answers: Mutex<Option<Vec<Reply>>>,
 }
 
 impl GroupCommit {
@@ -79,6 +88,7 @@ impl GroupCommit {
             // Everything found on disk at open is durable.
             durable_end: AtomicU64::new(before_flush()),
             advanced: Notify::new(),
+            answers: Mutex::new(Some(Vec::new())),
         });
         let task = tokio::spawn(committer(
             shared.clone(),
@@ -121,6 +131,28 @@ impl GroupCommit {
             Some(error) => Err(error.clone()),
             None => Err(Arc::from("no flush covered the insert")),
         }
+    }
+
+    /// Sends each reply once a flush that starts after this call has finished: `Ok` if it
+    /// succeeded. The caller has written what the replies are for.
+    pub(crate) fn answer_after_flush(&self, replies: impl IntoIterator<Item = Reply>) {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        match answers.as_mut() {
+            Some(answers) => answers.extend(replies),
+            None => {
+                for reply in replies {
+                    let _ = reply.send(Err(stopped()));
+                }
+                return;
+            }
+        }
+        drop(answers);
+        self.wake.notify_one();
+    }
+
+    fn take_answers(&self) -> Vec<Reply> {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Queue ids below this are durable.
@@ -174,7 +206,9 @@ async fn committer(
         let stopping = shared.stopping.load(Ordering::SeqCst);
         shared.dirty.store(false, Ordering::SeqCst);
         let generation = shared.next_generation.fetch_add(1, Ordering::SeqCst);
-        // Ids below this were inserted before the flush starts, so it covers them.
+        // Ids below this were inserted before the flush starts, so it covers them; so are
+        // the calls of the answers waiting now.
+        let answering = shared.take_answers();
         let covered = before_flush();
         let started = std::time::Instant::now();
         let (db, file, blobs) = (db.clone(), data_file.clone(), blobs.clone());
@@ -203,6 +237,12 @@ async fn committer(
                 shared.advanced.notify_waiters();
             }
         }
+        for reply in answering {
+            let _ = reply.send(match &error {
+                None => Ok(()),
+                Some(e) => Err(AppendError::NotDurable(e.clone())),
+            });
+        }
         flushed.send_modify(|f| {
             f.generation = generation;
             if error.is_none() {
@@ -214,6 +254,19 @@ async fn committer(
             break;
         }
     }
+    let left = shared
+        .answers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    for reply in left {
+        let _ = reply.send(Err(stopped()));
+    }
+}
+
+fn stopped() -> AppendError {
+    AppendError::NotDurable(Arc::from("the committer has stopped"))
 }
 
 /// What the queue does around each flush (see [`GroupCommit::start`]).

@@ -40,7 +40,7 @@ use serde_json::value::RawValue;
 use tokio::task::JoinHandle;
 
 use crate::spec::RejectedCall;
-use appender::{Appender, Target};
+use appender::{AppendError, Appender, Target};
 use commit::GroupCommit;
 use ledger::{Books, Settlement};
 pub use ledger::{ChunkRef, Counters};
@@ -395,17 +395,30 @@ impl Queue {
                 }
             };
         }
-        if let Err(e) = inner.appender.append(records).await {
-            release(&inner.stored_bytes, calls_size);
-            return Err(e);
-        }
-        match inner.durability {
-            Durability::Fsync => inner.commit.durable().await.map_err(|e| {
-                QueueError::Storage(format!(
-                    "calls written but not made durable ({e}); they may still be delivered"
-                ))
-            }),
-            Durability::Interval => Ok(()),
+        let appended = inner.appender.append(records);
+        let appended = match inner.durability {
+            // After an I/O error (a full disk, say) sled's flush can wait forever: answer
+            // with an error in bounded time rather than hang the request.
+            Durability::Fsync => tokio::time::timeout(commit::FLUSH_WAIT_LIMIT, appended)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(AppendError::NotDurable(Arc::from(format!(
+                        "no flush finished within {} s",
+                        commit::FLUSH_WAIT_LIMIT.as_secs()
+                    ))))
+                }),
+            Durability::Interval => appended.await,
+        };
+        match appended {
+            Ok(()) => Ok(()),
+            Err(AppendError::NotWritten(e)) => {
+                release(&inner.stored_bytes, calls_size);
+                Err(e)
+            }
+            // Its bytes stay counted: the calls are (or may be) stored.
+            Err(AppendError::NotDurable(e)) => Err(QueueError::Storage(format!(
+                "calls written but not made durable ({e}); they may still be delivered"
+            ))),
         }
     }
 
