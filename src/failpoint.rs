@@ -10,11 +10,12 @@
 //! | `queue-after-write` | calls written into sled, before any flush covers them and before the client is answered |
 //! | `forward-after-delivered` | upstream answered 2xx for a batch, before its calls are removed from the queue |
 //!
-//! One point panics instead of aborting, to show that a panic there harms nothing else:
+//! Two points fail instead of aborting, to show that a failure there harms nothing else:
 //!
-//! | name | where |
+//! | name | what |
 //! |---|---|
-//! | `queue-write-panics` | the appender, about to write a round into sled |
+//! | `queue-write-panics` | the appender panics, about to write a round into sled |
+//! | `queue-unit-write-fails` | the appender's Nth sled write (a chunk, or a big request's chunks) fails as an I/O error would |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -58,6 +59,12 @@ pub fn panic_at(name: &str) {
     if reached(name) {
         panic!("failpoint {name} reached");
     }
+}
+
+/// True if the point `name` is armed and this is its Nth hit: the caller then fails as its
+/// I/O would.
+pub fn fails_at(name: &str) -> bool {
+    reached(name)
 }
 
 fn reached(name: &str) -> bool {

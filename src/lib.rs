@@ -23,8 +23,9 @@
 //! client ─HTTP─▶ server ─▶ ingest ─▶ spec (normalise, validate)
 //!                             │
 //!                             ▼
-//!                           queue.append ─▶ appender (one chunk write for every waiting
-//!                             │                request) ─▶ committer (flush + fdatasync) ─▶ 200
+//!                           queue.append ─▶ appender (the waiting requests' calls packed
+//!                             │                into chunks, a sled insert each) ─▶ committer
+//!                             │                (flush + fdatasync, then answers them) ─▶ 200
 //!                             ▼
 //! upstream ◀─HTTP── forward (2xx: queue.remove; 4xx: queue.dead_letter; else retry)
 //! ```

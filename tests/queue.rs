@@ -220,7 +220,20 @@ async fn a_newer_format_is_refused() {
             .unwrap();
         db.flush().unwrap();
     }
-    match Queue::open(QueueOptions::new(dir.path())) {
+    // sled's I/O threads can hold the database's lock a moment after the drop (see
+    // `open_again`).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let opened = loop {
+        match Queue::open(QueueOptions::new(dir.path())) {
+            Err(QueueError::Storage(e))
+                if e.contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            result => break result,
+        }
+    };
+    match opened {
         Err(QueueError::NewerFormat(9)) => {}
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a newer format was opened"),

@@ -1,5 +1,5 @@
 //! The appender: packs the calls of every request waiting at one moment into a few chunks
-//! and writes them with a sled operation per chunk.
+//! and writes them, a sled insert per chunk (or one batch for the chunks of a big request).
 //!
 //! There is no writer thread to hand work to (each hand-off between threads costs a wake-up,
 //! which measured more than the write itself). A request puts its records on the pending
@@ -33,9 +33,10 @@ const ROUNDS_PER_WRITER: usize = 8;
 /// Why an append did not succeed.
 #[derive(Debug)]
 pub(crate) enum AppendError {
-    /// Nothing of the request was written.
+    /// Nothing of the request was written, and its bytes are no longer counted.
     NotWritten(QueueError),
-    /// Written (`fsync` mode), but no flush is known to have made it durable.
+    /// Written, or perhaps written (the write was interrupted), but not known to be
+    /// durable; its bytes stay counted.
     NotDurable(Arc<str>),
 }
 
@@ -65,6 +66,8 @@ struct Pending {
 
 pub(crate) struct Appender {
     pending: Mutex<Pending>,
+    /// The queue's byte count, to give back the bytes of requests refused unwritten.
+    stored_bytes: Arc<AtomicU64>,
     /// Only the current writer takes it.
     target: Mutex<Target>,
     /// Woken when a writer finds the list empty and stops.
@@ -74,6 +77,7 @@ pub(crate) struct Appender {
 impl Appender {
     pub fn start(target: Target) -> Result<Arc<Appender>, QueueError> {
         Ok(Arc::new(Appender {
+            stored_bytes: target.stored_bytes.clone(),
             pending: Mutex::new(Pending {
                 round: Vec::new(),
                 writing: false,
@@ -103,10 +107,12 @@ impl Appender {
             tokio::task::yield_now().await;
             drop(lead);
         }
-        // Dropped unanswered: the write panicked (see `WriterGuard`), or the committer did.
-        answer
-            .await
-            .unwrap_or(Err(AppendError::NotWritten(closed())))
+        // Dropped unanswered: the write panicked part way, or the committer did.
+        answer.await.unwrap_or_else(|_| {
+            Err(AppendError::NotDurable(Arc::from(
+                "the write or its flush was interrupted",
+            )))
+        })
     }
 
     /// Writes rounds until nothing is pending, or hands on to a new task after
@@ -134,10 +140,11 @@ impl Appender {
                 // longer match what sled holds, and writing on could overwrite stored calls.
                 // Refuse (503) until a restart reads the state back from disk.
                 Err(_) => {
-                    for (_, reply) in round {
-                        let _ = reply.send(Err(AppendError::NotWritten(QueueError::Storage(
-                            "an earlier queue write failed part way; restart grouprelay".into(),
-                        ))));
+                    let broken = QueueError::Storage(
+                        "an earlier queue write failed part way; restart grouprelay".into(),
+                    );
+                    for (records, reply) in round {
+                        refuse(&self.stored_bytes, &records, reply, broken.clone());
                     }
                 }
             }
@@ -182,10 +189,10 @@ impl Drop for Lead {
 }
 
 /// Should a write panic (inside sled, say), lets the next request become the writer instead
-/// of every later one waiting for a writer that is gone; the requests pending then get an
-/// error (their answer channels are dropped). Forgotten on every normal exit, so it acts
-/// only when the write itself unwinds, not when a [`Lead`] writes while its thread unwinds
-/// from something else.
+/// of every later one waiting for a writer that is gone; the requests still pending are
+/// refused, unwritten (those of the round being written learn only that it was interrupted:
+/// part of it may be stored). Forgotten on every normal exit, so it acts only when the write
+/// itself unwinds, not when a [`Lead`] writes while its thread unwinds from something else.
 struct WriterGuard<'a>(&'a Appender);
 
 impl Drop for WriterGuard<'_> {
@@ -195,10 +202,23 @@ impl Drop for WriterGuard<'_> {
             .pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        pending.round.clear();
+        let round = std::mem::take(&mut pending.round);
         pending.writing = false;
         drop(pending);
         self.0.idle.notify_waiters();
+        for (records, reply) in round {
+            let error = QueueError::Storage("a queue write failed part way".into());
+            refuse(&self.0.stored_bytes, &records, reply, error);
+        }
+    }
+}
+
+/// Answers a request whose calls were not written; if it is gone (it timed out), gives back
+/// the bytes it reserved, which it would have done itself.
+fn refuse(stored_bytes: &AtomicU64, records: &[Vec<u8>], reply: Reply, error: QueueError) {
+    if reply.send(Err(AppendError::NotWritten(error))).is_err() {
+        let size: usize = records.iter().map(|r| r.len() + CHUNK_ENTRY_OVERHEAD).sum();
+        super::release(stored_bytes, size as u64);
     }
 }
 
@@ -227,6 +247,9 @@ impl Target {
             let end = unit.end;
             let chunk_count = unit.chunks.len() as u64;
             let result = match <[_; 1]>::try_from(unit.chunks) {
+                _ if crate::failpoint::fails_at("queue-unit-write-fails") => Err(sled::Error::Io(
+                    std::io::Error::other("failpoint queue-unit-write-fails"),
+                )),
                 Ok([(key, value)]) => self.tree.insert(key, value).map(|_| ()),
                 Err(chunks) => {
                     let mut batch = sled::Batch::default();
@@ -260,10 +283,10 @@ impl Target {
             crate::failpoint::hit("queue-after-write");
         }
         let mut stored = Vec::with_capacity(round.len());
-        for ((_, reply), needs) in round.into_iter().zip(needs) {
+        for ((records, reply), needs) in round.into_iter().zip(needs) {
             match &error {
                 Some(e) if needs > written => {
-                    let _ = reply.send(Err(AppendError::NotWritten(e.clone())));
+                    refuse(&self.stored_bytes, &records, reply, e.clone())
                 }
                 _ => stored.push(reply),
             }

@@ -26,7 +26,8 @@ use tokio::sync::{watch, Notify};
 use super::appender::{AppendError, Reply};
 use tokio::task::JoinHandle;
 
-/// How long a writer waits for the flush that covers it before giving up with an error.
+/// How long a writer waits for its answer (written, then in `fsync` mode flushed) before
+/// giving up with an error.
 pub(crate) const FLUSH_WAIT_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the flushes so far achieved.
@@ -136,6 +137,10 @@ impl GroupCommit {
     /// Sends each reply once a flush that starts after this call has finished: `Ok` if it
     /// succeeded. The caller has written what the replies are for.
     pub(crate) fn answer_after_flush(&self, replies: impl IntoIterator<Item = Reply>) {
+        let mut replies = replies.into_iter().peekable();
+        if replies.peek().is_none() {
+            return;
+        }
         let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         match answers.as_mut() {
             Some(answers) => answers.extend(replies),
@@ -191,6 +196,12 @@ async fn committer(
         after_flush,
     } = hooks;
     let blobs = Arc::new(std::sync::Mutex::new(blobs));
+    // However the committer ends (stopped, panicked, its runtime gone), every request waiting
+    // on it is answered.
+    let mut answering = Answering {
+        shared: shared.clone(),
+        taken: Vec::new(),
+    };
     // The first tick a period from now: a fresh start has nothing to flush.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -208,7 +219,7 @@ async fn committer(
         let generation = shared.next_generation.fetch_add(1, Ordering::SeqCst);
         // Ids below this were inserted before the flush starts, so it covers them; so are
         // the calls of the answers waiting now.
-        let answering = shared.take_answers();
+        answering.taken = shared.take_answers();
         let covered = before_flush();
         let started = std::time::Instant::now();
         let (db, file, blobs) = (db.clone(), data_file.clone(), blobs.clone());
@@ -237,7 +248,7 @@ async fn committer(
                 shared.advanced.notify_waiters();
             }
         }
-        for reply in answering {
+        for reply in answering.taken.drain(..) {
             let _ = reply.send(match &error {
                 None => Ok(()),
                 Some(e) => Err(AppendError::NotDurable(e.clone())),
@@ -254,14 +265,28 @@ async fn committer(
             break;
         }
     }
-    let left = shared
-        .answers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .unwrap_or_default();
-    for reply in left {
-        let _ = reply.send(Err(stopped()));
+}
+
+/// The answers the committer owes: those of the flush under way, and, once it ends, those
+/// still waiting (and any handed over later: [`GroupCommit::answer_after_flush`] answers them
+/// at once).
+struct Answering {
+    shared: Arc<GroupCommit>,
+    taken: Vec<Reply>,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let left = self
+            .shared
+            .answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        for reply in self.taken.drain(..).chain(left) {
+            let _ = reply.send(Err(stopped()));
+        }
     }
 }
 

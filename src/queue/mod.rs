@@ -402,8 +402,9 @@ impl Queue {
             Durability::Fsync => tokio::time::timeout(commit::FLUSH_WAIT_LIMIT, appended)
                 .await
                 .unwrap_or_else(|_| {
+                    // If the calls turn out not written, the appender gives their bytes back.
                     Err(AppendError::NotDurable(Arc::from(format!(
-                        "no flush finished within {} s",
+                        "no answer within {} s",
                         commit::FLUSH_WAIT_LIMIT.as_secs()
                     ))))
                 }),
@@ -417,7 +418,7 @@ impl Queue {
             }
             // Its bytes stay counted: the calls are (or may be) stored.
             Err(AppendError::NotDurable(e)) => Err(QueueError::Storage(format!(
-                "calls written but not made durable ({e}); they may still be delivered"
+                "calls not known to be durable ({e}); they may still be delivered"
             ))),
         }
     }
@@ -828,10 +829,13 @@ impl Queue {
         let inner = &self.inner;
         inner.closed.store(true, Ordering::SeqCst);
         inner.appender.close().await;
-        // Everything is written: the count is exact, and the next open may take it as is.
-        let bytes = inner.stored_bytes.load(Ordering::SeqCst);
-        if let Err(e) = inner.meta.insert(CLEAN_CLOSE_KEY, &bytes.to_be_bytes()) {
-            tracing::warn!(error = %e, "cannot record the queue's byte count");
+        // Everything is written: the count is exact, and the next open may take it as is;
+        // unless a write panicked part way, when only a recount knows.
+        if !inner.appender.broken() {
+            let bytes = inner.stored_bytes.load(Ordering::SeqCst);
+            if let Err(e) = inner.meta.insert(CLEAN_CLOSE_KEY, &bytes.to_be_bytes()) {
+                tracing::warn!(error = %e, "cannot record the queue's byte count");
+            }
         }
         let result = inner.commit.durable().await;
         inner.commit.stop();
@@ -998,7 +1002,7 @@ fn rejected_record(
 
 /// Gives bytes back to the limit, never below zero (a count that wrapped would refuse every
 /// append for good).
-fn release(stored: &AtomicU64, bytes: u64) {
+pub(super) fn release(stored: &AtomicU64, bytes: u64) {
     let _ = stored.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
         Some(now.saturating_sub(bytes))
     });

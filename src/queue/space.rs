@@ -44,7 +44,7 @@ impl FreeSpace {
     }
 
     /// `Err(free bytes)` when taking `size` more bytes would go below the floor. A reading
-    /// above the floor is reused for a second, and for at most its room's worth of calls;
+    /// above the floor is reused for a second, and for calls of at most a quarter of its room;
     /// below it, every call asks again, so calls are taken again as soon as space returns.
     pub(crate) fn check(&self, size: u64) -> Result<(), u64> {
         if self.floor == 0 {
