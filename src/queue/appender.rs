@@ -1,5 +1,5 @@
 //! The appender: packs the calls of every request waiting at one moment into a few chunks
-//! and writes them, a sled insert per chunk (or one batch for the chunks of a big request).
+//! and writes them, a sled insert per chunk (or one batch, when a request needs several).
 //!
 //! There is no writer thread to hand work to (each hand-off between threads costs a wake-up,
 //! which measured more than the write itself). A request puts its records on the pending
@@ -7,10 +7,14 @@
 //! its worker has ready add theirs, then writes rounds until the list is empty, the calls
 //! of requests that arrived meanwhile included. A round takes everything pending and packs
 //! it into chunks of at most [`CHUNK_BYTES`], a request's calls all in one chunk when they
-//! fit (else in chunks of their own), and writes each chunk with one `insert` (the chunks of
-//! a request too big for one with one atomic `apply_batch`). So the calls of a request are
-//! stored all together or not at all, ids follow arrival order, and 64 concurrent requests
-//! cost a few sled writes instead of 64.
+//! fit (else in chunks of their own), and writes each chunk with one `insert`; a round in
+//! which some request needs several chunks goes in one atomic `apply_batch` instead. So the
+//! calls of a request are stored all together or not at all, ids follow arrival order, and
+//! 64 concurrent requests cost a few sled writes instead of 64.
+//!
+//! Why not always one batch: sled's `apply_batch` seals its log buffer before and after, and
+//! each seal is a `pwrite` and a `sync_file_range` on an I/O thread. One batch per round of
+//! single calls cost about a fifth of the CPU per request (bench, same-session A/B).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -235,12 +239,9 @@ impl Target {
         }
         let (units, needs) = pack(&round, self.next_id);
         crate::failpoint::panic_at("queue-write-panics");
-        // Units are written one by one, in id order: a single `insert` each, but for a
-        // request too big for one chunk, whose chunks go in one atomic `apply_batch`.
-        // Writing every round in one batch cost more than the write: sled's `apply_batch`
-        // seals its log buffer before and after, and each seal is a `pwrite` plus a
-        // `sync_file_range` on an I/O thread (bench: about one per two rounds, 8 % of CPU).
-        // A crash between two units keeps a prefix of them, as between two rounds.
+        // Units are written one by one, in id order: an `insert` each, or one `apply_batch`
+        // (see the module's notes). A crash between two units keeps a prefix of them, as
+        // between two rounds.
         let mut written = 0;
         let mut error = None;
         for unit in units {
@@ -311,8 +312,9 @@ struct Unit {
 
 /// Packs a round's records into chunks of at most [`CHUNK_BYTES`] (a record bigger than
 /// that alone in one), keeping each request's records in one unit: in one chunk when they
-/// fit in one, else in chunks of their own. Returns the units and, for each request, how
-/// many units must be written for all its records to be.
+/// fit in one, else in chunks of their own; and when any request needs several chunks, the
+/// whole round in one unit. Returns the units and, for each request, how many units must be
+/// written for all its records to be.
 fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
     let mut units = Vec::new();
     let mut needs = Vec::with_capacity(round.len());
@@ -362,6 +364,13 @@ fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
         let end = seal(&mut packing, &mut chunks);
         units.push(Unit { chunks, end });
     }
+    if units.len() > 1 && units.iter().any(|unit| unit.chunks.len() > 1) {
+        // A batch is written anyway, and its cost is per batch, not per chunk: one for the
+        // whole round (bench, 100-call batches: one batch per request cost +20-40 % CPU).
+        let end = units.last().map_or(first_id, |unit| unit.end);
+        let chunks = units.into_iter().flat_map(|unit| unit.chunks).collect();
+        return (vec![Unit { chunks, end }], vec![1; needs.len()]);
+    }
     (units, needs)
 }
 
@@ -385,8 +394,8 @@ mod tests {
     proptest! {
         /// Whatever the mix of request sizes: every record is stored once, in order, under
         /// consecutive ids; each request lies in one unit (so it is written atomically); no
-        /// chunk is over the limit unless it holds a single record; and a request is told
-        /// its unit.
+        /// chunk is over the limit unless it holds a single record; a round has at most one
+        /// several-chunk unit, and then no other; and a request is told its unit.
         #[test]
         fn packing_keeps_each_request_in_one_unit(
             requests in prop::collection::vec(
@@ -396,6 +405,10 @@ mod tests {
             let round = round_of(&requests);
             let (units, needs) = pack(&round, first_id);
             prop_assert_eq!(needs.len(), requests.len());
+            // Batches cost per batch: a round has at most one, and then only that.
+            if units.iter().any(|unit| unit.chunks.len() > 1) {
+                prop_assert_eq!(units.len(), 1);
+            }
             let mut next_id = first_id;
             let mut stored = Vec::new();
             for unit in &units {
