@@ -22,9 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
 
 use super::appender::{AppendError, Reply};
-use tokio::task::JoinHandle;
 
 /// How long a writer waits for its answer (written, then in `fsync` mode flushed) before
 /// giving up with an error.
