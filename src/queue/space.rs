@@ -89,3 +89,37 @@ impl FreeSpace {
         (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Below the floor a reading is never reused, not even for a call of no bytes (the
+    /// `/ready` probe), so calls are taken again as soon as space returns.
+    #[test]
+    fn below_the_floor_every_check_reads_again_and_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = FreeSpace::new(dir.path(), u64::MAX / 2);
+        assert!(space.check(0).is_err());
+        assert!(space.check(0).is_err());
+        assert!(space.check(1).is_err());
+    }
+
+    /// Above the floor a reading is reused only for calls of a quarter of its room: a call
+    /// bigger than that asks again (and here is refused, as it would pass the floor).
+    #[test]
+    fn a_reading_is_reused_for_a_quarter_of_its_room_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = FreeSpace::new(dir.path(), 1).free_bytes().unwrap();
+        // A floor that leaves 400 MB of room (free space moves meanwhile: wide margins).
+        let space = FreeSpace::new(dir.path(), free.saturating_sub(400_000_000));
+        assert!(space.check(0).is_ok());
+        // About 100 MB of budget: taken from it without asking.
+        assert!(space.check(40_000_000).is_ok());
+        assert!(space.check(40_000_000).is_ok());
+        // Past the budget the filesystem is asked again: 300 MB fits in the room...
+        assert!(space.check(300_000_000).is_ok());
+        // ...and a call beyond the room is refused at once, though within the second.
+        assert!(space.check(600_000_000).is_err());
+    }
+}
