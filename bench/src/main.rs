@@ -3,11 +3,14 @@
 //! Every ingest figure is reported beside the baseline's and as a ratio to it, because
 //! absolute numbers on shared machines drift from run to run. Scenarios:
 //! - `ingest`: durable ingest (`fsync` and `interval`) at each connection count, over TCP and
-//!   the Unix socket, single calls on `/v1/group` and 100-call batches on `/v1/batch`;
+//!   the Unix socket, single calls on `/v1/group` and 100-call batches on `/v1/batch`; beside
+//!   grouprelay, the stack's floor (`floor.rs`: hyper, a parse and a sled insert, group commit
+//!   in `fsync` mode, nothing else) in each mode, to tell the stack's cost from ours;
 //! - `backlog`: a queue of N calls: disk bytes, time from start to `/health` 200, RSS;
 //! - `drain`: the same queue delivered to a local sink that answers 200 at once (calls/s);
 //! - `idle`: RSS of an idle daemon.
 
+mod floor;
 mod load;
 mod servers;
 
@@ -40,6 +43,11 @@ struct Cli {
     /// Durability modes for ingest
     #[arg(long, value_delimiter = ',', default_value = "fsync,interval")]
     modes: Vec<String>,
+    /// Servers to measure against the baseline: grouprelay and floor (the stack's floor:
+    /// hyper, parse, a sled insert, group commit, nothing else) in each mode; parse (hyper
+    /// and the parse alone, storing nothing) once
+    #[arg(long, value_delimiter = ',', default_value = "parse,floor,grouprelay")]
+    servers: Vec<String>,
     /// Transports for ingest: tcp, unix
     #[arg(long, value_delimiter = ',', default_value = "tcp,unix")]
     transports: Vec<String>,
@@ -64,6 +72,15 @@ struct Cli {
 enum Internal {
     /// (internal) Run the baseline server; prints its TCP address.
     Baseline {
+        #[arg(long)]
+        unix: std::path::PathBuf,
+    },
+    /// (internal) Run the stack's floor server; prints its TCP address.
+    Floor {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
         #[arg(long)]
         unix: std::path::PathBuf,
     },
@@ -120,12 +137,19 @@ struct DrainRow {
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(Internal::Baseline { unix }) = cli.command {
+    if let Some(command) = cli.command {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .unwrap();
-        runtime.block_on(servers::serve_baseline(unix));
+        match command {
+            Internal::Baseline { unix } => runtime.block_on(servers::serve_baseline(unix)),
+            Internal::Floor {
+                mode,
+                data_dir,
+                unix,
+            } => runtime.block_on(floor::serve(&mode, &data_dir, unix)),
+        }
         return;
     }
     let placement = Placement { pinned: cli.pin };
@@ -200,6 +224,7 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
         })
         .collect();
     let sink = Sink::start().await;
+    let runs = server_runs(cli);
     for shape in &shapes {
         for transport in &cli.transports {
             for &conns in &cli.conns {
@@ -224,17 +249,31 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                     },
                 ));
                 baseline.stop();
-                for mode in &cli.modes {
+                for (kind, mode) in &runs {
                     let data = dir.join(format!(
-                        "ingest-{mode}-{transport}-{}-{conns}",
+                        "ingest-{kind}-{mode}-{transport}-{}-{conns}",
                         shape.name()
                     ));
-                    let server = servers::start_grouprelay(
-                        placement,
-                        &data,
-                        &sink.url(),
-                        &["--durability", mode, "--max-queue-bytes", "20000000000"],
-                    );
+                    let (server, name) = match kind.as_str() {
+                        "grouprelay" => (
+                            servers::start_grouprelay(
+                                placement,
+                                &data,
+                                &sink.url(),
+                                &["--durability", mode, "--max-queue-bytes", "20000000000"],
+                            ),
+                            format!("grouprelay {mode}"),
+                        ),
+                        "floor" | "parse" => (
+                            servers::start_floor(placement, mode, &data),
+                            if kind == "parse" {
+                                "parse only (stores nothing)".to_owned()
+                            } else {
+                                format!("stack floor {mode}")
+                            },
+                        ),
+                        other => panic!("unknown server {other}"),
+                    };
                     let cpu_before = server.cpu_seconds();
                     let result = load::run(
                         target_of(transport, &server),
@@ -248,7 +287,7 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                     let cpu = server.cpu_seconds() - cpu_before;
                     let rps = result.requests_per_sec();
                     rows.push(row(
-                        &format!("grouprelay {mode}"),
+                        &name,
                         transport,
                         *shape,
                         conns,
@@ -268,6 +307,21 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
         }
     }
     rows
+}
+
+/// The (server, mode) pairs to measure after each baseline: `parse` once, the others in each
+/// mode, modes outer so that each mode's floor and grouprelay run back to back.
+fn server_runs(cli: &Cli) -> Vec<(String, String)> {
+    let mut runs = Vec::new();
+    if cli.servers.iter().any(|k| k == "parse") {
+        runs.push(("parse".to_owned(), "parse".to_owned()));
+    }
+    for mode in &cli.modes {
+        for kind in cli.servers.iter().filter(|k| *k != "parse") {
+            runs.push((kind.clone(), mode.clone()));
+        }
+    }
+    runs
 }
 
 fn target_of(transport: &str, server: &servers::Server) -> Target {

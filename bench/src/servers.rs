@@ -1,5 +1,5 @@
-//! The processes a benchmark runs: the do-nothing baseline, grouprelay itself, and the
-//! local upstream sink that grouprelay forwards to.
+//! The processes a benchmark runs: the do-nothing baseline, the stack's floor, grouprelay
+//! itself, and the local upstream sink that grouprelay forwards to.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -91,12 +91,28 @@ impl Drop for Server {
 
 /// Starts the baseline: this binary's `baseline` subcommand.
 pub fn start_baseline(placement: Placement, dir: &Path) -> Server {
-    let unix = dir.join("baseline.sock");
+    start_own(placement, &["baseline"], &dir.join("baseline.sock"))
+}
+
+/// Starts the stack's floor in `mode` on a fresh database at `data` (see `floor.rs`): this
+/// binary's `floor` subcommand.
+pub fn start_floor(placement: Placement, mode: &str, data: &Path) -> Server {
+    let data_arg = data.display().to_string();
+    start_own(
+        placement,
+        &["floor", "--mode", mode, "--data-dir", &data_arg],
+        &data.with_extension("sock"),
+    )
+}
+
+/// Starts one of this binary's server subcommands, which prints its TCP address first.
+fn start_own(placement: Placement, args: &[&str], unix: &Path) -> Server {
     let exe = std::env::current_exe().unwrap();
     let mut child = placement
         .command(&exe)
-        .args(["baseline", "--unix"])
-        .arg(&unix)
+        .args(args)
+        .arg("--unix")
+        .arg(unix)
         .stdout(Stdio::piped())
         .spawn()
         .expect("start baseline");
@@ -104,8 +120,12 @@ pub fn start_baseline(placement: Placement, dir: &Path) -> Server {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let tcp = line.trim().parse().expect("baseline address");
-    Server { child, tcp, unix }
+    let tcp = line.trim().parse().expect("server address");
+    Server {
+        child,
+        tcp,
+        unix: unix.to_owned(),
+    }
 }
 
 /// Starts the real grouprelay binary (next to this one in `target/release`).
@@ -164,13 +184,9 @@ pub fn start_grouprelay(
 
 /// The baseline server: reads each body and answers `200 {"success":true}`, persisting nothing.
 pub async fn serve_baseline(unix: PathBuf) {
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let _ = std::fs::remove_file(&unix);
-    let uds = tokio::net::UnixListener::bind(&unix).unwrap();
-    // Both listeners are bound: tell the parent where.
-    println!("{}", tcp.local_addr().unwrap());
-    let service = || {
-        service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+    serve(
+        unix,
+        |req: hyper::Request<hyper::body::Incoming>| async move {
             let _ = req.into_body().collect().await;
             let mut response =
                 hyper::Response::new(Full::new(Bytes::from_static(br#"{"success":true}"#)));
@@ -178,24 +194,43 @@ pub async fn serve_baseline(unix: PathBuf) {
                 .headers_mut()
                 .insert("content-type", "application/json".parse().unwrap());
             Ok::<_, std::convert::Infallible>(response)
-        })
-    };
-    let unix_loop = async {
-        loop {
-            let (stream, _) = uds.accept().await.unwrap();
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service()),
-            );
+        },
+    )
+    .await
+}
+
+/// Serves `handle` over HTTP/1 on a loopback TCP port and on the Unix socket `unix`, and
+/// prints the TCP address once both listen (the parent reads it).
+pub async fn serve<F, Fut>(unix: PathBuf, handle: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<hyper::Response<Full<Bytes>>, std::convert::Infallible>>
+        + Send
+        + 'static,
+{
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _ = std::fs::remove_file(&unix);
+    let uds = tokio::net::UnixListener::bind(&unix).unwrap();
+    println!("{}", tcp.local_addr().unwrap());
+    let unix_loop = {
+        let handle = handle.clone();
+        async move {
+            loop {
+                let (stream, _) = uds.accept().await.unwrap();
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service_fn(handle.clone())),
+                );
+            }
         }
     };
-    let tcp_loop = async {
+    let tcp_loop = async move {
         loop {
             let (stream, _) = tcp.accept().await.unwrap();
             stream.set_nodelay(true).unwrap();
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service()),
+                    .serve_connection(TokioIo::new(stream), service_fn(handle.clone())),
             );
         }
     };
