@@ -146,22 +146,27 @@ enum Scan {
 /// One pass over the body, no parsing, so it is safe on any input: nesting depth and the
 /// range of numbers, both outside strings.
 fn scan(bytes: &[u8], depth_limit: usize) -> Scan {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut depth = 0usize;
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            i += 1;
-            continue;
-        }
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                // Most of a call is strings: jump to the quote that ends this one.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..]) {
+                        // Unterminated: the parser's to report.
+                        None => return Scan::Fine,
+                        Some(n) if bytes[i + n] == b'\\' => i += n + 2,
+                        Some(n) => {
+                            i += n + 1;
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
             b'{' | b'[' => {
                 depth += 1;
                 if depth > depth_limit {
@@ -203,12 +208,23 @@ pub fn parse_body(
 ) -> Result<Body, Violation> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| Violation::new("invalid_json", "the body is not valid UTF-8"))?;
-    let top = Entries::parse(text).map_err(|e| match e.classify() {
+    let not_parsed = |e: serde_json::Error| match e.classify() {
         serde_json::error::Category::Data => {
             Violation::new("invalid_body", "the body must be a JSON object")
         }
         _ => Violation::new("invalid_json", format!("the body is not valid JSON: {e}")),
-    })?;
+    };
+    // A batch's calls are split out while the body is read: reading `batch` as one raw
+    // value and then splitting it would read the whole body twice.
+    let (top, batch) = match endpoint {
+        Endpoint::Single(_) => (Entries::parse(text).map_err(not_parsed)?, None),
+        Endpoint::Batch => {
+            let BatchTop { entries, batch } = BatchTop::parse(text)
+                .or_else(|_| BatchTop::parse_in_two_steps(text))
+                .map_err(not_parsed)?;
+            (entries, batch)
+        }
+    };
     let write_key = match top.get("writeKey") {
         None => None,
         Some(raw) => match kind(raw) {
@@ -241,18 +257,16 @@ pub fn parse_body(
                 context: object_field(&top, "context", "invalid_context")?,
                 integrations: object_field(&top, "integrations", "invalid_integrations")?,
             };
-            let batch = match top.get("batch") {
+            let items = match batch {
                 None => return Err(Violation::new("missing_batch", "the body has no batch")),
-                Some(raw) if kind(raw) == Kind::Array => raw,
-                Some(_) => {
+                Some(BatchField::Calls(items)) => items,
+                Some(BatchField::NotArray) => {
                     return Err(Violation::new(
                         "invalid_batch",
                         "batch must be an array of calls",
                     ))
                 }
             };
-            let items: Vec<&RawValue> = serde_json::from_str(batch.get())
-                .map_err(|e| Violation::new("invalid_json", format!("batch: {e}")))?;
             if items.is_empty() {
                 return Err(Violation::new("empty_batch", "batch has no calls"));
             }
@@ -319,8 +333,7 @@ fn normalise(
                     "type is required in a batch",
                 ))
             }
-            Some(raw) => serde_json::from_str::<Cow<'_, str>>(raw.get())
-                .ok()
+            Some(raw) => string_value(raw)
                 .and_then(|name| CallType::from_name(&name))
                 .ok_or_else(|| {
                     Violation::new(
@@ -481,7 +494,7 @@ fn validate(fields: &Entries<'_>, call_type: CallType) -> Result<(), Violation> 
         object_field(fields, name, code)?;
     }
     if let Some(raw) = present(fields.get("messageId")) {
-        let id: Option<Cow<'_, str>> = serde_json::from_str(raw.get()).ok();
+        let id = string_value(raw);
         match id {
             Some(id) if !id.is_empty() && id.chars().count() < MAX_MESSAGE_ID_CHARS => {}
             _ => {
@@ -557,6 +570,16 @@ fn merge(own: Option<&RawValue>, shared: &RawValue) -> String {
     }
     writer.finish();
     String::from_utf8(out).expect("JSON written from UTF-8 parts")
+}
+
+/// A raw JSON string's text: borrowed when it has no escapes to undo (every call's `type`
+/// does), `None` when the value is not a string.
+fn string_value(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Some(Cow::Borrowed(inner)),
+        _ => serde_json::from_str(text).ok(),
+    }
 }
 
 fn quoted(s: &str) -> String {
@@ -652,6 +675,125 @@ impl<'a> Entries<'a> {
     }
 }
 
+/// A batch body read in one pass: its other top-level fields as [`Entries`], and the value
+/// of its (last) `batch` key split into the calls' raw values.
+struct BatchTop<'a> {
+    entries: Entries<'a>,
+    batch: Option<BatchField<'a>>,
+}
+
+enum BatchField<'a> {
+    Calls(Vec<&'a RawValue>),
+    NotArray,
+}
+
+impl<'a> BatchTop<'a> {
+    /// One pass. Fails on more than bad JSON: a `batch` that is not an array and holds a
+    /// number no float can hold (`1e400`) fails here, which [`Self::parse_in_two_steps`]
+    /// tells apart.
+    fn parse(source: &'a str) -> Result<BatchTop<'a>, serde_json::Error> {
+        let BatchPairs { pairs, batch } = serde_json::from_str(source)?;
+        Ok(BatchTop {
+            entries: Entries {
+                source: source.trim_matches(|c: char| c.is_ascii_whitespace()),
+                pairs,
+            },
+            batch,
+        })
+    }
+
+    /// The body as [`Entries`], then its `batch` split: slower, but every failure is the
+    /// body's own (the JSON, or the calls' array).
+    fn parse_in_two_steps(source: &'a str) -> Result<BatchTop<'a>, serde_json::Error> {
+        let mut entries = Entries::parse(source)?;
+        let batch = match entries.get("batch") {
+            None => None,
+            Some(raw) if kind(raw) == Kind::Array => {
+                Some(BatchField::Calls(serde_json::from_str(raw.get())?))
+            }
+            Some(_) => Some(BatchField::NotArray),
+        };
+        entries.pairs.retain(|(key, _)| key != "batch");
+        Ok(BatchTop { entries, batch })
+    }
+}
+
+struct BatchPairs<'a> {
+    pairs: Vec<(Cow<'a, str>, &'a RawValue)>,
+    batch: Option<BatchField<'a>>,
+}
+
+impl<'de> Deserialize<'de> for BatchPairs<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TopVisitor;
+        impl<'de> Visitor<'de> for TopVisitor {
+            type Value = BatchPairs<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut pairs = Vec::new();
+                let mut batch = None;
+                while let Some(Key(key)) = map.next_key()? {
+                    if key == "batch" {
+                        // The last one counts, as for any other key.
+                        batch = Some(map.next_value::<BatchField<'de>>()?);
+                    } else {
+                        pairs.push((key, map.next_value::<&'de RawValue>()?));
+                    }
+                }
+                Ok(BatchPairs { pairs, batch })
+            }
+        }
+        deserializer.deserialize_map(TopVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchField<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = BatchField<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut calls = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+                while let Some(call) = seq.next_element::<&'de RawValue>()? {
+                    calls.push(call);
+                }
+                Ok(BatchField::Calls(calls))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(BatchField::NotArray)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(BatchField::NotArray)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(BatchField::NotArray)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(BatchField::NotArray)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(BatchField::NotArray)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(BatchField::NotArray)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(BatchField::NotArray)
+            }
+        }
+        deserializer.deserialize_any(FieldVisitor)
+    }
+}
+
 struct Pairs<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'de> Deserialize<'de> for Pairs<'de> {
@@ -714,6 +856,95 @@ mod tests {
         // An escaped backslash ends its string's escape: the `[` after it counts.
         assert_eq!(scan(br#"{"a":"\\","b":[1]}"#, 1), Scan::TooDeep);
         assert_eq!(scan(br#"{"a":"\\","b":[1]}"#, 2), Scan::Fine);
+    }
+
+    #[test]
+    fn a_batch_read_in_one_pass_reads_as_in_two() {
+        let seen = |top: BatchTop<'_>| {
+            let pairs: Vec<(String, String)> = top
+                .entries
+                .pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.get().to_owned()))
+                .collect();
+            let batch = top.batch.map(|b| match b {
+                BatchField::Calls(calls) => calls.iter().map(|c| c.get().to_owned()).collect(),
+                BatchField::NotArray => vec!["not an array".to_owned()],
+            });
+            (top.entries.source.to_owned(), pairs, batch)
+        };
+        for body in [
+            r#"{"batch":[{"a":1}, 2 ,"x",[{}]],"context":{"b":[1]},"writeKey":"k"}"#,
+            r#" {"sentAt":"t","batch":[]} "#,
+            r#"{"batch":{"a":[1,2]},"x":null}"#,
+            r#"{"batch":"[]"}"#,
+            r#"{"batch":[1],"batch":false}"#,
+            r#"{"batch":7,"batch":[{"c":"\u0041"}]}"#,
+            r#"{"bat\u0063h":[{"d":1}],"e\"":2}"#,
+            r#"{}"#,
+        ] {
+            let one = BatchTop::parse(body).unwrap_or_else(|e| panic!("{body}: {e}"));
+            let two = BatchTop::parse_in_two_steps(body).unwrap();
+            assert_eq!(seen(one), seen(two), "{body}");
+        }
+    }
+
+    /// `scan` as first written, a byte at a time: the reference the fast one must match.
+    fn scan_bytewise(bytes: &[u8], depth_limit: usize) -> Scan {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if in_string {
+                match b {
+                    _ if escaped => escaped = false,
+                    b'\\' => escaped = true,
+                    b'"' => in_string = false,
+                    _ => {}
+                }
+                i += 1;
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > depth_limit {
+                        return Scan::TooDeep;
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                b'-' | b'0'..=b'9' => {
+                    let end = bytes[i..]
+                        .iter()
+                        .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                        .map_or(bytes.len(), |n| i + n);
+                    let number = std::str::from_utf8(&bytes[i..end]).ok();
+                    if number
+                        .and_then(|n| n.parse::<f64>().ok())
+                        .is_some_and(|n| !n.is_finite())
+                    {
+                        return Scan::NumberOutOfRange;
+                    }
+                    i = end;
+                    continue;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        Scan::Fine
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_scan_agrees_with_a_byte_at_a_time(
+            bytes in proptest::collection::vec(proptest::sample::select(
+                b"{}[]\"\\ a1e9-.".to_vec()), 0..60),
+            limit in 0usize..6,
+        ) {
+            proptest::prop_assert_eq!(scan(&bytes, limit), scan_bytewise(&bytes, limit));
+        }
     }
 
     proptest::proptest! {

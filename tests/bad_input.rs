@@ -290,6 +290,27 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
             "invalid_batch",
         ),
         case(
+            "batch a string",
+            keyed("/v1/batch", r#"{"batch":"[]"}"#),
+            400,
+            "invalid_batch",
+        ),
+        case(
+            "batch a number beyond a float",
+            keyed("/v1/batch", r#"{"batch":1e400}"#),
+            400,
+            "invalid_batch",
+        ),
+        case(
+            "batch given twice, the last not an array",
+            keyed(
+                "/v1/batch",
+                &format!(r#"{{"batch":[{}],"batch":true}}"#, group("u")),
+            ),
+            400,
+            "invalid_batch",
+        ),
+        case(
             "missing batch",
             keyed("/v1/batch", r#"{"sentAt":"2026-01-01T00:00:00.000Z"}"#),
             400,
