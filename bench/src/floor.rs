@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{watch, Notify};
@@ -164,12 +164,7 @@ pub async fn serve(mode: &str, dir: &Path, unix: PathBuf) {
         let floor = floor.clone();
         async move {
             let path = req.uri().path().to_owned();
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = crate::servers::read_body(req.into_body()).await;
             let (status, answer) = floor.handle(&path, body).await;
             let mut response = hyper::Response::new(Full::new(Bytes::from_static(answer)));
             *response.status_mut() = hyper::StatusCode::from_u16(status).expect("status");

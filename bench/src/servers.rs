@@ -264,12 +264,7 @@ impl Sink {
                             .headers()
                             .get("content-encoding")
                             .is_some_and(|v| v == "gzip");
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
+                        let body = read_body(req.into_body()).await;
                         let text = if gzip {
                             let mut out = Vec::new();
                             flate2::read::GzDecoder::new(&body[..])
@@ -319,6 +314,14 @@ impl Sink {
         };
         tokio::time::timeout(limit, wait).await.is_ok()
     }
+}
+
+/// A request's whole body; empty if it broke off.
+pub async fn read_body(body: hyper::body::Incoming) -> Bytes {
+    body.collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
 }
 
 /// Each benchmark call has exactly one `"messageId":` key.
