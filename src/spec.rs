@@ -694,9 +694,9 @@ enum BatchField<'a> {
 }
 
 impl<'a> BatchTop<'a> {
-    /// One pass. Fails on more than bad JSON: a `batch` that is not an array and holds a
-    /// number no float can hold (`1e400`) fails here, which [`Self::parse_in_two_steps`]
-    /// tells apart.
+    /// One pass. Fails on more than bad JSON: a `batch` that is not an array fails here if
+    /// it holds a number no float can hold (`1e400`) or a lone surrogate (`"\ud800"`), which
+    /// serde reads only when it looks inside; [`Self::parse_in_two_steps`] tells these apart.
     fn parse(source: &'a str) -> Result<BatchTop<'a>, serde_json::Error> {
         let BatchPairs { pairs, batch } = serde_json::from_str(source)?;
         Ok(BatchTop {

@@ -311,20 +311,30 @@ struct Hooks {
 /// `close` at a thousand flushes a second). So a flush first reads the directory's mtime:
 /// creating or removing a file sets it to the time of the change, so if it is what the last
 /// listing saw, and was already [`MTIME_SLACK`] older than that listing, nothing has been
-/// added since. The slack covers coarse timestamps (ext4 stamps with the kernel's coarse clock).
+/// added since. The slack covers coarse timestamps (ext4 stamps with the kernel's coarse clock);
+/// a wall clock that went back, and a listing at least every [`LIST_AT_LEAST_EVERY`], cover
+/// the cases where the mtime cannot be trusted.
 struct BlobSync {
     dir: PathBuf,
     /// Synced by two flushes: complete and durable.
     synced: HashSet<OsString>,
     /// Synced once.
     fresh: HashSet<OsString>,
-    /// The directory's mtime at the last listing, and the wall-clock time that listing began.
-    listed: Option<(SystemTime, SystemTime)>,
+    /// The directory's mtime at the last listing, the wall-clock time that listing began,
+    /// and the same on the monotonic clock.
+    listed: Option<(SystemTime, SystemTime, std::time::Instant)>,
 }
 
 /// How much older than a listing the directory's mtime must be before the next flush may
-/// trust it instead of listing again: far above any filesystem's timestamp granularity.
-const MTIME_SLACK: Duration = Duration::from_secs(2);
+/// trust it instead of listing again: well above any filesystem's timestamp granularity
+/// (FAT's is 2 s).
+const MTIME_SLACK: Duration = Duration::from_secs(10);
+
+/// The longest a flush trusts the mtime: past this it lists anyway. Bounds what could go
+/// wrong where the mtime cannot be trusted at all (a wall clock stepped back onto the saved
+/// mtime, a filesystem that stamps directories from another host's clock or never updates
+/// them) to a blob synced this much late, instead of never.
+const LIST_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 
 impl BlobSync {
     fn new(dir: PathBuf) -> BlobSync {
@@ -338,14 +348,21 @@ impl BlobSync {
 
     /// Whether the directory may hold a file the last listing did not see, or one that still
     /// needs its second sync.
-    fn may_have_changed(&self, mtime: SystemTime) -> bool {
-        let Some((listed_mtime, listed_at)) = self.listed else {
+    fn may_have_changed(&self, mtime: SystemTime, now: SystemTime) -> bool {
+        let Some((listed_mtime, listed_at, listed_instant)) = self.listed else {
             return true;
         };
         let settled = listed_at
             .duration_since(listed_mtime)
             .is_ok_and(|age| age > MTIME_SLACK);
-        !self.fresh.is_empty() || mtime != listed_mtime || !settled
+        // A wall clock that went back since the listing could stamp a new file with the
+        // saved mtime.
+        let clock_went_back = now < listed_at;
+        !self.fresh.is_empty()
+            || mtime != listed_mtime
+            || !settled
+            || clock_went_back
+            || listed_instant.elapsed() >= LIST_AT_LEAST_EVERY
     }
 
     fn sync_new(&mut self) -> std::io::Result<()> {
@@ -356,7 +373,7 @@ impl BlobSync {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        if !self.may_have_changed(mtime) {
+        if !self.may_have_changed(mtime, now) {
             return Ok(());
         }
         let entries = match std::fs::read_dir(&self.dir) {
@@ -391,7 +408,7 @@ impl BlobSync {
         }
         self.synced = present;
         self.fresh = fresh;
-        self.listed = Some((mtime, now));
+        self.listed = Some((mtime, now, std::time::Instant::now()));
         Ok(())
     }
 }
@@ -428,19 +445,43 @@ mod tests {
 
     #[test]
     fn a_settled_directory_is_not_listed_again() {
+        let (_dir, mut blobs) = hidden_blob_after_a_settled_listing();
+        blobs.sync_new().unwrap();
+        assert!(blobs.fresh.is_empty() && blobs.synced.is_empty());
+    }
+
+    /// A settled listing, then a new file the mtime does not show.
+    fn hidden_blob_after_a_settled_listing() -> (tempfile::TempDir, BlobSync) {
         let dir = tempfile::tempdir().unwrap();
         age(dir.path(), Duration::from_secs(60));
         let mut blobs = BlobSync::new(dir.path().to_owned());
         blobs.sync_new().unwrap();
-        // A file whose arrival the mtime does not show: only a listing would find it.
-        let (listed_mtime, _) = blobs.listed.unwrap();
+        let (listed_mtime, _, _) = blobs.listed.unwrap();
         std::fs::write(dir.path().join("1234"), b"blob").unwrap();
         File::open(dir.path())
             .unwrap()
             .set_modified(listed_mtime)
             .unwrap();
+        (dir, blobs)
+    }
+
+    #[test]
+    fn a_wall_clock_gone_back_since_the_listing_means_listing_again() {
+        let (_dir, mut blobs) = hidden_blob_after_a_settled_listing();
+        let (mtime, at, instant) = blobs.listed.unwrap();
+        blobs.listed = Some((mtime, at + Duration::from_secs(30), instant));
         blobs.sync_new().unwrap();
-        assert!(blobs.fresh.is_empty() && blobs.synced.is_empty());
+        assert!(blobs.fresh.contains(std::ffi::OsStr::new("1234")));
+    }
+
+    #[test]
+    fn the_mtime_is_trusted_for_a_second_at_most() {
+        let (_dir, mut blobs) = hidden_blob_after_a_settled_listing();
+        let (mtime, at, instant) = blobs.listed.unwrap();
+        let earlier = instant.checked_sub(LIST_AT_LEAST_EVERY).unwrap();
+        blobs.listed = Some((mtime, at, earlier));
+        blobs.sync_new().unwrap();
+        assert!(blobs.fresh.contains(std::ffi::OsStr::new("1234")));
     }
 
     #[test]
@@ -457,6 +498,7 @@ mod tests {
         blobs.listed = Some((
             std::fs::metadata(dir.path()).unwrap().modified().unwrap(),
             SystemTime::now(),
+            std::time::Instant::now(),
         ));
         blobs.sync_new().unwrap();
         assert!(blobs.synced.contains(std::ffi::OsStr::new("1234")));
