@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, Notify};
 
 use super::commit::GroupCommit;
-use super::record::{self, CHUNK_ENTRY_OVERHEAD, CHUNK_HEADER_LEN};
+use super::record::{self, CHUNK_HEADER_LEN};
 use super::{chunk_key, Durability, QueueError, KEY_OVERHEAD};
 
 /// Most record bytes in one chunk. sled 0.34 splits a leaf past 16 keys and writes any log
@@ -221,8 +221,7 @@ impl Drop for WriterGuard<'_> {
 /// the bytes it reserved, which it would have done itself.
 fn refuse(stored_bytes: &AtomicU64, records: &[Vec<u8>], reply: Reply, error: QueueError) {
     if reply.send(Err(AppendError::NotWritten(error))).is_err() {
-        let size: usize = records.iter().map(|r| r.len() + CHUNK_ENTRY_OVERHEAD).sum();
-        super::release(stored_bytes, size as u64);
+        super::release(stored_bytes, record::entries_size(records) as u64);
     }
 }
 
@@ -330,7 +329,7 @@ fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
         next_id
     };
     for (records, _) in round {
-        let size: usize = records.iter().map(|r| r.len() + CHUNK_ENTRY_OVERHEAD).sum();
+        let size = record::entries_size(records);
         if packed + size > CHUNK_BYTES && !packing.is_empty() {
             let mut chunks = Vec::with_capacity(1);
             let end = seal(&mut packing, &mut chunks);
@@ -346,12 +345,12 @@ fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
         // Too big for one chunk (a batch, say): chunks of its own, written atomically.
         let mut chunks = Vec::new();
         for record in records {
-            if !packing.is_empty() && packed + record.len() + CHUNK_ENTRY_OVERHEAD > CHUNK_BYTES {
+            if !packing.is_empty() && packed + record::entry_size(record) > CHUNK_BYTES {
                 seal(&mut packing, &mut chunks);
                 packed = 0;
             }
             packing.push(record);
-            packed += record.len() + CHUNK_ENTRY_OVERHEAD;
+            packed += record::entry_size(record);
         }
         // `records` is not empty (its size is over a chunk), so neither is `packing`.
         let end = seal(&mut packing, &mut chunks);
@@ -418,7 +417,7 @@ mod tests {
                     prop_assert_eq!(chunk.first, next_id);
                     let records = record::decode_chunk(value).unwrap();
                     prop_assert_eq!(records.len(), chunk.count as usize);
-                    let size: usize = records.iter().map(|r| r.len() + CHUNK_ENTRY_OVERHEAD).sum();
+                    let size: usize = records.iter().map(|r| record::entry_size(r)).sum();
                     prop_assert!(size <= CHUNK_BYTES || records.len() == 1);
                     next_id = chunk.end();
                     stored.extend(records.iter().map(|r| (r.to_vec(), units_index(&units, unit))));

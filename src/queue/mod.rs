@@ -350,10 +350,7 @@ impl Queue {
             .iter()
             .map(|r| rejected_record(write_key, received_ms, r))
             .collect::<Result<Vec<_>, _>>()?;
-        let calls_size: u64 = records
-            .iter()
-            .map(|r| (r.len() + record::CHUNK_ENTRY_OVERHEAD) as u64)
-            .sum();
+        let calls_size = record::entries_size(&records) as u64;
         let rejected_size: u64 = rejected_records
             .iter()
             .map(|r| r.len() as u64 + KEY_OVERHEAD)

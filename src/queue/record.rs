@@ -28,7 +28,7 @@ pub const CHUNK_FORMAT: u8 = 2;
 /// Bytes of a chunk in front of its records.
 pub const CHUNK_HEADER_LEN: usize = 1 + 4;
 /// Bytes in front of each record in a chunk.
-pub const CHUNK_ENTRY_OVERHEAD: usize = 4;
+const CHUNK_ENTRY_OVERHEAD: usize = 4;
 
 /// A queued call as stored: its writeKey travels beside the call, never inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,12 +100,20 @@ pub fn decode_call(bytes: &[u8]) -> Result<CallRecord, DecodeError> {
     })
 }
 
+/// Bytes a record takes in a chunk: what a request reserves against the queue's limit, and
+/// what is given back when it is refused or delivered, so all must count it alike.
+pub fn entry_size(record: &[u8]) -> usize {
+    record.len() + CHUNK_ENTRY_OVERHEAD
+}
+
+/// [`entry_size`] of a request's records.
+pub fn entries_size(records: &[Vec<u8>]) -> usize {
+    records.iter().map(|r| entry_size(r)).sum()
+}
+
 /// Encodes records as one chunk.
 pub fn encode_chunk<'a>(records: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
-    let size: usize = records
-        .clone()
-        .map(|r| r.len() + CHUNK_ENTRY_OVERHEAD)
-        .sum();
+    let size: usize = records.clone().map(entry_size).sum();
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + size);
     out.push(CHUNK_FORMAT);
     out.extend_from_slice(&[0; 4]);
