@@ -4,7 +4,7 @@
 //! limit (decoding gzip without inflating past the limit), hand it to [`crate::spec`], append
 //! the calls to the [`Queue`], and only then answer `200 {"success":true}`. Every refusal is a
 //! JSON body `{"success":false,"code":...,"message":...}` with the status the official
-//! clients treat correctly (`shared/spec/http-api.md`, "Responses").
+//! clients treat correctly (`docs/http-api.md`, "Responses").
 
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;

@@ -1,6 +1,6 @@
 //! The Segment call: parse a request body, normalise each call and validate it against the spec.
 //!
-//! The facts followed here are in `shared/spec/group-call.md` and `shared/spec/http-api.md`.
+//! The facts followed here are in `docs/group-call.md` and `docs/http-api.md`.
 //! A body is never turned into a `serde_json::Value` tree: each object is read as an ordered
 //! list of `(key, raw value)` pairs borrowed from the request bytes, checked by looking at the
 //! raw values, and written back only when normalising has to change something. Values we do

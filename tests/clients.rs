@@ -1,6 +1,7 @@
 //! Replays the requests captured from the official Segment client libraries
-//! (`shared/spec/client-requests/`) byte for byte against the real daemon, then reads the
-//! queue on disk and checks each stored call against the spec: writeKey beside the call,
+//! (`tests/fixtures/client-requests/`; its README says which client and version sent each)
+//! byte for byte against the real daemon, then reads the queue on disk and checks each stored
+//! call against the spec (`docs/http-api.md`, `docs/group-call.md`): writeKey beside the call,
 //! `messageId` and `timestamp` kept or assigned, batch-level `context` merged, `writeKey` and
 //! `sentAt` stripped, unknown keys and `null`s kept.
 
@@ -152,7 +153,7 @@ impl Capture {
 }
 
 fn captures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/spec/client-requests")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/client-requests")
 }
 
 fn load_captures() -> Vec<Capture> {

@@ -64,8 +64,8 @@ impl LoadResult {
     }
 }
 
-/// The seed's complete Group call (`shared/spec/group-call.md`), about 700 bytes, with a
-/// fresh messageId.
+/// The complete Group call of `docs/group-call.md` ("A complete Group call"), about 700
+/// bytes, with a fresh messageId.
 pub fn group_call(message_id: &str) -> String {
     format!(
         r#"{{"anonymousId":"507f191e810c19729de860ea","channel":"browser","context":{{"ip":"8.8.8.8","userAgent":"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_9_5) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/40.0.2214.115 Safari/537.36"}},"integrations":{{"All":true,"Mixpanel":false,"Salesforce":false}},"messageId":"{message_id}","receivedAt":"2015-02-23T22:28:55.387Z","sentAt":"2015-02-23T22:28:55.111Z","timestamp":"2015-02-23T22:28:55.111Z","traits":{{"name":"Initech","industry":"Technology","employees":329,"plan":"enterprise","total billed":830}},"type":"group","userId":"97980cfea0067","groupId":"0e8c78ea9d97a7b8185e8632","version":"1.1"}}"#

@@ -1,6 +1,6 @@
 //! The upstream client: one `POST {upstream}/v1/batch` per batch, and what its answer means.
 //!
-//! Follows `shared/spec/http-api.md` ("Upstream: how to forward"): Basic auth with the
+//! Follows `docs/http-api.md` ("Upstream: how to forward"): Basic auth with the
 //! batch's writeKey, `sentAt` set at each attempt, optional gzip, and a status table that
 //! says which answers are retried and which are final.
 

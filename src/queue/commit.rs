@@ -4,7 +4,7 @@
 //! One committer task runs flushes back to back while anyone waits, so 64 concurrent requests
 //! share a handful of flushes instead of running 64 in series. A flush is sled's `flush()`
 //! (which writes with `sync_file_range`, enough to survive `kill -9`) followed by an
-//! `fdatasync` of sled's data file (what survives power loss; see `shared/notes/stack.md`),
+//! `fdatasync` of sled's data file (what survives power loss; see `docs/sled.md`),
 //! and of any *blob* files sled wrote since (sled writes a log message over a quarter of a
 //! segment, a large leaf say, to its own file under `blobs/` and never syncs it).
 //! Only this task ever flushes: sled has lost-wakeup bugs with several flushes in flight.
