@@ -513,20 +513,14 @@ fn default_data_dir() -> Option<PathBuf> {
 
 /// Creates the data dir (mode 0700) if it is missing.
 pub fn create_data_dir(dir: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| {
-            ConfigError::new(
-                "--data-dir",
-                format!("cannot create {}: {e}", dir.display()),
-            )
-        })
+    // Each new directory's name synced into its parent: the queue's files are only as
+    // durable as the path to them.
+    crate::dirsync::create_dir_all(dir, 0o700).map_err(|e| {
+        ConfigError::new(
+            "--data-dir",
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -16,6 +16,12 @@
 //! |---|---|
 //! | `queue-write-panics` | the appender panics, about to write a round into sled |
 //! | `queue-unit-write-fails` | the appender's Nth sled write (a chunk, or a big request's chunks) fails as an I/O error would |
+//!
+//! One point leaves out a step for as long as it is armed, to show that a test notices:
+//!
+//! | name | what |
+//! |---|---|
+//! | `queue-skip-fdatasync` | the committer's flushes skip the `fdatasync` of sled's files (sled's own flush still runs: enough for `kill -9`, not for a power cut) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -65,6 +71,11 @@ pub fn panic_at(name: &str) {
 /// I/O would.
 pub fn fails_at(name: &str) -> bool {
     reached(name)
+}
+
+/// True at every hit while the point `name` is armed: the caller leaves out what it guards.
+pub fn skips(name: &str) -> bool {
+    armed().iter().any(|point| point.name == name)
 }
 
 fn reached(name: &str) -> bool {

@@ -16,6 +16,7 @@
 //! | [`metrics`] | the counters and histograms `GET /metrics` serves |
 //! | [`notify`] | systemd's `Type=notify` protocol: ready, status, watchdog, stopping |
 //! | [`clock`] | timestamps as Segment writes them |
+//! | [`dirsync`] | directory fsyncs: a file's name survives power loss only once its directory is synced |
 //! | [`failpoint`] | test hooks: abort at a named point to prove a crash there loses nothing |
 //!
 //! # A call's way through
@@ -38,6 +39,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod dirsync;
 pub mod failpoint;
 pub mod forward;
 pub mod ingest;

@@ -225,6 +225,9 @@ async fn committer(
         let (db, file, blobs) = (db.clone(), data_file.clone(), blobs.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
             db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
+            if crate::failpoint::skips("queue-skip-fdatasync") {
+                return Ok(());
+            }
             file.sync_data()
                 .map_err(|e| format!("fdatasync of the queue file failed: {e}"))?;
             blobs
@@ -404,17 +407,13 @@ impl BlobSync {
             present.insert(name);
         }
         if any_new {
-            sync_dir(&self.dir)?;
+            crate::dirsync::sync_dir(&self.dir)?;
         }
         self.synced = present;
         self.fresh = fresh;
         self.listed = Some((mtime, now, std::time::Instant::now()));
         Ok(())
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@
 //!
 //! It is written after each flush that moved it, without an fsync of its own: it is never
 //! ahead of what sled made durable, and after a power loss it can only be behind (a missed
-//! alarm, never a false one).
+//! alarm, never a false one). A power cut can also tear the write itself, leaving old and new
+//! bytes mixed into a number larger than either; so the mark is stored with its bitwise
+//! complement (16 bytes), and a file whose two halves disagree is read as no mark at all.
+//! (The 8-byte files of earlier versions, without the check, are still read.)
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -33,9 +36,13 @@ impl Watermark {
             .open(path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let previous = <[u8; 8]>::try_from(bytes.as_slice())
-            .ok()
-            .map(u64::from_be_bytes);
+        let previous = decode(&bytes);
+        if previous.is_none() && !bytes.is_empty() {
+            tracing::warn!(
+                path = %path.display(),
+                "the queue's durable watermark is torn (a power cut during its write?); ignored"
+            );
+        }
         let watermark = Watermark {
             file,
             written: AtomicU64::new(previous.unwrap_or(0)),
@@ -48,8 +55,68 @@ impl Watermark {
         if self.written.fetch_max(end, Ordering::SeqCst) >= end {
             return;
         }
-        if let Err(e) = self.file.write_all_at(&end.to_be_bytes(), 0) {
+        if let Err(e) = self.file.write_all_at(&encode(end), 0) {
             tracing::warn!(error = %e, "cannot record the queue's durable watermark");
+        }
+    }
+}
+
+/// The mark, then its complement: a write torn anywhere leaves halves that disagree.
+fn encode(end: u64) -> [u8; 16] {
+    let mut bytes = [0; 16];
+    bytes[..8].copy_from_slice(&end.to_be_bytes());
+    bytes[8..].copy_from_slice(&(!end).to_be_bytes());
+    bytes
+}
+
+fn decode(bytes: &[u8]) -> Option<u64> {
+    let half = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+    };
+    match bytes.len() {
+        // Written by grouprelay before the check was added.
+        8 => half(0..8),
+        16 => half(0..8).filter(|&end| half(8..16) == Some(!end)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_reads_back() {
+        for end in [0, 1, 255, 256, u64::MAX - 1] {
+            assert_eq!(decode(&encode(end)), Some(end));
+        }
+        assert_eq!(decode(&300u64.to_be_bytes()), Some(300));
+        assert_eq!(decode(b""), None);
+    }
+
+    /// Every way a write of a new mark over an old one can tear (a prefix of the new bytes
+    /// over the old) reads as the old mark, the new one, or none: never a larger number.
+    #[test]
+    fn a_torn_write_never_reads_as_a_larger_mark() {
+        for (old, new) in [
+            (0xFFu64, 0x100u64),
+            (0x00FF_FFFF, 0x0100_0000),
+            (7, 8),
+            (1 << 40, (1 << 40) + 1),
+        ] {
+            let (old_bytes, new_bytes) = (encode(old), encode(new));
+            for kept in 0..=16 {
+                let mut torn = old_bytes;
+                torn[..kept].copy_from_slice(&new_bytes[..kept]);
+                let read = decode(&torn);
+                assert!(
+                    read.is_none() || read == Some(old) || read == Some(new),
+                    "{old} -> {new} torn after {kept} bytes read as {read:?}"
+                );
+            }
         }
     }
 }

@@ -678,6 +678,10 @@ impl Config {
         io_fail!(self, "write_config crc");
         f.write_all(&crc_arr)?;
         io_fail!(self, "write_config post");
+        // grouprelay: make the configuration and its name durable (a power cut could
+        // otherwise leave an empty or missing `conf`; see vendor/README.md).
+        f.sync_all()?;
+        fs::File::open(self.get_path())?.sync_all()?;
         Ok(())
     }
 

@@ -561,6 +561,11 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
     std::fs::rename(&path_1, &path_2)?;
     io_fail!(config, "snap write mv post");
 
+    // grouprelay: make the rename durable before the old snapshot is removed, so that a
+    // power cut can never leave the old one gone and the new one not yet in place (see
+    // vendor/README.md).
+    std::fs::File::open(parent)?.sync_all()?;
+
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
 
     // clean up any old snapshots
