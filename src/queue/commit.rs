@@ -4,22 +4,19 @@
 //! One committer task runs flushes back to back while anyone waits, so 64 concurrent requests
 //! share a handful of flushes instead of running 64 in series. A flush is sled's `flush()`
 //! (which writes with `sync_file_range`, enough to survive `kill -9`) followed by an
-//! `fdatasync` of sled's data file (what survives power loss; see `docs/sled.md`),
-//! and of any *blob* files sled wrote since (sled writes a log message over a quarter of a
-//! segment, a large leaf say, to its own file under `blobs/` and never syncs it).
+//! `fdatasync` of sled's data file (what survives power loss; see `docs/sled.md`). The
+//! *blob* files sled writes for log messages over a quarter of a segment need nothing here:
+//! the patched sled syncs each one, and its name, before it writes a pointer to it.
 //! Only this task ever flushes: sled has lost-wakeup bugs with several flushes in flight.
 //!
 //! In `fsync` mode the appender hands each written request's answer to the committer
 //! ([`GroupCommit::answer_after_flush`]), which sends it when the next flush to start has
 //! finished: one wake-up per request instead of one for the write and one for the flush.
 
-use std::collections::HashSet;
-use std::ffi::OsString;
 use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -70,7 +67,6 @@ impl GroupCommit {
     pub(crate) fn start(
         db: sled::Db,
         data_file: File,
-        blobs_dir: PathBuf,
         period: Duration,
         before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
         after_flush: Box<dyn Fn(u64) + Send + Sync>,
@@ -95,7 +91,6 @@ impl GroupCommit {
             shared.clone(),
             db,
             Arc::new(data_file),
-            BlobSync::new(blobs_dir),
             period,
             Hooks {
                 before_flush,
@@ -186,7 +181,6 @@ async fn committer(
     shared: Arc<GroupCommit>,
     db: sled::Db,
     data_file: Arc<File>,
-    blobs: BlobSync,
     period: Duration,
     hooks: Hooks,
     flushed: watch::Sender<Flushed>,
@@ -195,7 +189,6 @@ async fn committer(
         before_flush,
         after_flush,
     } = hooks;
-    let blobs = Arc::new(std::sync::Mutex::new(blobs));
     // However the committer ends (stopped, panicked, its runtime gone), every request waiting
     // on it is answered.
     let mut answering = Answering {
@@ -222,19 +215,14 @@ async fn committer(
         answering.taken = shared.take_answers();
         let covered = before_flush();
         let started = std::time::Instant::now();
-        let (db, file, blobs) = (db.clone(), data_file.clone(), blobs.clone());
+        let (db, file) = (db.clone(), data_file.clone());
         let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
             db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
             if crate::failpoint::skips("queue-skip-fdatasync") {
                 return Ok(());
             }
             file.sync_data()
-                .map_err(|e| format!("fdatasync of the queue file failed: {e}"))?;
-            blobs
-                .lock()
-                .expect("blob sync lock")
-                .sync_new()
-                .map_err(|e| format!("fsync of a queue blob file failed: {e}"))
+                .map_err(|e| format!("fdatasync of the queue file failed: {e}"))
         })
         .await
         .unwrap_or_else(|e| Err(format!("flush task failed: {e}")));
@@ -301,205 +289,4 @@ fn stopped() -> AppendError {
 struct Hooks {
     before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
     after_flush: Box<dyn Fn(u64) + Send + Sync>,
-}
-
-/// Makes sled's blob files durable: each new one, then the directory that names it.
-///
-/// A blob found by one flush may still be being written (sled writes blobs while it reserves
-/// log space, not when it flushes), so a file counts as done only once a second flush has
-/// synced it again; until then each flush syncs it.
-///
-/// Blobs are rare (a log message over a quarter of a segment), and listing the directory on
-/// every flush cost about 2 % of the daemon's CPU in `fsync` mode (`opendir`, `getdents`,
-/// `close` at a thousand flushes a second). So a flush first reads the directory's mtime:
-/// creating or removing a file sets it to the time of the change, so if it is what the last
-/// listing saw, and was already [`MTIME_SLACK`] older than that listing, nothing has been
-/// added since. The slack covers coarse timestamps (ext4 stamps with the kernel's coarse clock);
-/// a wall clock that went back, and a listing at least every [`LIST_AT_LEAST_EVERY`], cover
-/// the cases where the mtime cannot be trusted.
-struct BlobSync {
-    dir: PathBuf,
-    /// Synced by two flushes: complete and durable.
-    synced: HashSet<OsString>,
-    /// Synced once.
-    fresh: HashSet<OsString>,
-    /// The directory's mtime at the last listing, the wall-clock time that listing began,
-    /// and the same on the monotonic clock.
-    listed: Option<(SystemTime, SystemTime, std::time::Instant)>,
-}
-
-/// How much older than a listing the directory's mtime must be before the next flush may
-/// trust it instead of listing again: well above any filesystem's timestamp granularity
-/// (FAT's is 2 s).
-const MTIME_SLACK: Duration = Duration::from_secs(10);
-
-/// The longest a flush trusts the mtime: past this it lists anyway. Bounds what could go
-/// wrong where the mtime cannot be trusted at all (a wall clock stepped back onto the saved
-/// mtime, a filesystem that stamps directories from another host's clock or never updates
-/// them) to a blob synced this much late, instead of never.
-const LIST_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
-
-impl BlobSync {
-    fn new(dir: PathBuf) -> BlobSync {
-        BlobSync {
-            dir,
-            synced: HashSet::new(),
-            fresh: HashSet::new(),
-            listed: None,
-        }
-    }
-
-    /// Whether the directory may hold a file the last listing did not see, or one that still
-    /// needs its second sync.
-    fn may_have_changed(&self, mtime: SystemTime, now: SystemTime) -> bool {
-        let Some((listed_mtime, listed_at, listed_instant)) = self.listed else {
-            return true;
-        };
-        let settled = listed_at
-            .duration_since(listed_mtime)
-            .is_ok_and(|age| age > MTIME_SLACK);
-        // A wall clock that went back since the listing could stamp a new file with the
-        // saved mtime.
-        let clock_went_back = now < listed_at;
-        !self.fresh.is_empty()
-            || mtime != listed_mtime
-            || !settled
-            || clock_went_back
-            || listed_instant.elapsed() >= LIST_AT_LEAST_EVERY
-    }
-
-    fn sync_new(&mut self) -> std::io::Result<()> {
-        // Before the stat: a file added after this instant has an mtime of about this or later.
-        let now = SystemTime::now();
-        let mtime = match std::fs::metadata(&self.dir) {
-            Ok(meta) => meta.modified()?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if !self.may_have_changed(mtime, now) {
-            return Ok(());
-        }
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let mut present = HashSet::new();
-        let mut fresh = HashSet::new();
-        let mut any_new = false;
-        for entry in entries {
-            let name = entry?.file_name();
-            if !self.synced.contains(&name) {
-                match File::open(self.dir.join(&name)) {
-                    Ok(file) => file.sync_data()?,
-                    // sled removed it meanwhile (garbage collection): nothing to keep.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                if self.fresh.contains(&name) {
-                    present.insert(name);
-                } else {
-                    any_new = true;
-                    fresh.insert(name);
-                }
-                continue;
-            }
-            present.insert(name);
-        }
-        if any_new {
-            crate::dirsync::sync_dir(&self.dir)?;
-        }
-        self.synced = present;
-        self.fresh = fresh;
-        self.listed = Some((mtime, now, std::time::Instant::now()));
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Sets `dir`'s mtime as a change that long ago would have.
-    fn age(dir: &Path, ago: Duration) {
-        File::open(dir)
-            .unwrap()
-            .set_modified(SystemTime::now() - ago)
-            .unwrap();
-    }
-
-    #[test]
-    fn a_blob_added_after_a_settled_listing_is_synced_by_the_next_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        age(dir.path(), Duration::from_secs(60));
-        let mut blobs = BlobSync::new(dir.path().to_owned());
-        blobs.sync_new().unwrap();
-        std::fs::write(dir.path().join("1234"), b"blob").unwrap();
-        blobs.sync_new().unwrap();
-        assert!(blobs.fresh.contains(std::ffi::OsStr::new("1234")));
-        blobs.sync_new().unwrap();
-        assert!(blobs.synced.contains(std::ffi::OsStr::new("1234")));
-        assert!(blobs.fresh.is_empty());
-    }
-
-    #[test]
-    fn a_settled_directory_is_not_listed_again() {
-        let (_dir, mut blobs) = hidden_blob_after_a_settled_listing();
-        blobs.sync_new().unwrap();
-        assert!(blobs.fresh.is_empty() && blobs.synced.is_empty());
-    }
-
-    /// A settled listing, then a new file the mtime does not show.
-    fn hidden_blob_after_a_settled_listing() -> (tempfile::TempDir, BlobSync) {
-        let dir = tempfile::tempdir().unwrap();
-        age(dir.path(), Duration::from_secs(60));
-        let mut blobs = BlobSync::new(dir.path().to_owned());
-        blobs.sync_new().unwrap();
-        let (listed_mtime, _, _) = blobs.listed.unwrap();
-        std::fs::write(dir.path().join("1234"), b"blob").unwrap();
-        File::open(dir.path())
-            .unwrap()
-            .set_modified(listed_mtime)
-            .unwrap();
-        (dir, blobs)
-    }
-
-    #[test]
-    fn a_wall_clock_gone_back_since_the_listing_means_listing_again() {
-        let (_dir, mut blobs) = hidden_blob_after_a_settled_listing();
-        let (mtime, at, instant) = blobs.listed.unwrap();
-        blobs.listed = Some((mtime, at + Duration::from_secs(30), instant));
-        blobs.sync_new().unwrap();
-        assert!(blobs.fresh.contains(std::ffi::OsStr::new("1234")));
-    }
-
-    #[test]
-    fn the_mtime_is_trusted_for_a_second_at_most() {
-        let (_dir, mut blobs) = hidden_blob_after_a_settled_listing();
-        let (mtime, at, instant) = blobs.listed.unwrap();
-        let earlier = instant.checked_sub(LIST_AT_LEAST_EVERY).unwrap();
-        blobs.listed = Some((mtime, at, earlier));
-        blobs.sync_new().unwrap();
-        assert!(blobs.fresh.contains(std::ffi::OsStr::new("1234")));
-    }
-
-    #[test]
-    fn a_recent_mtime_or_a_blob_synced_once_means_listing_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut blobs = BlobSync::new(dir.path().to_owned());
-        // Just created: its mtime is too recent to trust.
-        blobs.sync_new().unwrap();
-        std::fs::write(dir.path().join("1234"), b"blob").unwrap();
-        blobs.sync_new().unwrap();
-        assert!(blobs.fresh.contains(std::ffi::OsStr::new("1234")));
-        // Settled, but the blob still needs its second sync.
-        age(dir.path(), Duration::from_secs(60));
-        blobs.listed = Some((
-            std::fs::metadata(dir.path()).unwrap().modified().unwrap(),
-            SystemTime::now(),
-            std::time::Instant::now(),
-        ));
-        blobs.sync_new().unwrap();
-        assert!(blobs.synced.contains(std::ffi::OsStr::new("1234")));
-    }
 }

@@ -300,7 +300,6 @@ impl Queue {
         let (commit, committer) = GroupCommit::start(
             db.clone(),
             data_file,
-            path.join("blobs"),
             options.sync_interval,
             Box::new(before_flush),
             Box::new(move |durable_end| watermark.record(durable_end)),

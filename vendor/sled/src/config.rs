@@ -669,18 +669,24 @@ impl Config {
         let crc_arr = u32_to_arr(crc);
 
         let path = self.config_path();
+        // grouprelay: written whole to a temporary file, synced, renamed into place and the
+        // directory synced, so that a power cut leaves either no `conf` (written again at
+        // the next open) or a complete one, never a torn one (see vendor/README.md).
+        let generating = self.get_path().join("conf.generating");
 
-        let mut f =
-            fs::OpenOptions::new().write(true).create(true).open(path)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&generating)?;
 
         io_fail!(self, "write_config bytes");
         f.write_all(&*bytes)?;
         io_fail!(self, "write_config crc");
         f.write_all(&crc_arr)?;
         io_fail!(self, "write_config post");
-        // grouprelay: make the configuration and its name durable (a power cut could
-        // otherwise leave an empty or missing `conf`; see vendor/README.md).
         f.sync_all()?;
+        fs::rename(&generating, &path)?;
         fs::File::open(self.get_path())?.sync_all()?;
         Ok(())
     }

@@ -90,12 +90,15 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+    // grouprelay: the blob and its name are durable before the log message that points to
+    // it is even written. At recovery sled skips a message whose blob is missing and goes on
+    // with later ones, so a pointer that outlived its blob would silently take a page back
+    // to an older version, or lose it (see vendor/README.md).
+    f.sync_all()?;
+    std::fs::File::open(config.get_path().join("blobs"))?.sync_all()?;
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
@@ -144,7 +147,11 @@ pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn remove_blob(id: Lsn, config: &Config) -> Result<()> {
+pub(crate) fn remove_blob(id: Lsn, config: &RunningConfig) -> Result<()> {
+    // grouprelay: everything written to the log so far, the message that replaced this
+    // blob's page included, is made durable before the blob is removed; otherwise the
+    // removal could outlive the replacement across a power cut (see vendor/README.md).
+    config.file.sync_all()?;
     let path = config.blob_path(id);
     if let Err(e) = std::fs::remove_file(&path) {
         debug!("removing blob at {:?} failed: {}", path, e);

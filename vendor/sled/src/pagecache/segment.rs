@@ -256,7 +256,7 @@ impl Segment {
     fn active_to_inactive(
         &mut self,
         lsn: Lsn,
-        config: &Config,
+        config: &RunningConfig,
     ) -> Result<FastSet8<Lsn>> {
         trace!("setting Segment with lsn {:?} to Inactive", self.lsn());
 
@@ -435,7 +435,7 @@ impl Segment {
     fn remove_blob(
         &mut self,
         blob_ptr: BlobPointer,
-        config: &Config,
+        config: &RunningConfig,
     ) -> Result<()> {
         match self {
             Segment::Active(active) => {
@@ -1016,6 +1016,11 @@ impl SegmentAccountant {
         let safe = self.free.iter().next().copied();
 
         let lid = if let Some(next) = safe {
+            // grouprelay: a free segment still holds the old versions of pages whose
+            // replacements were written but perhaps not yet synced. Make them durable before
+            // the old versions are overwritten, so that a power cut cannot take both (see
+            // vendor/README.md).
+            self.config.file.sync_all()?;
             self.free.remove(&next);
             next
         } else {
@@ -1104,9 +1109,12 @@ impl SegmentAccountant {
             .name("sled-truncate".into())
             .spawn(move || {
                 debug!("truncating file to length {}", at);
+                // grouprelay: what replaced the truncated segments' pages is made durable
+                // before the truncation can be (see vendor/README.md).
                 let res = config
                     .file
-                    .set_len(at)
+                    .sync_all()
+                    .and_then(|_| config.file.set_len(at))
                     .and_then(|_| config.file.sync_all())
                     .map_err(|e| e.into());
                 completer.fill(res);
