@@ -52,6 +52,17 @@ impl Daemon {
     /// not wait to drain, so accepted calls stay in the queue for the test to read, and there
     /// is no free-space floor.
     pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::try_start_with_env(data_dir, args, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Daemon::start_with_env`], but a daemon that exits before it is ready is an
+    /// `Err` holding its exit status and log, for tests where a refusal to start is an
+    /// outcome to report rather than a broken test.
+    pub fn try_start_with_env(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
         let mut defaults = Vec::new();
         // No free-space floor unless a test asks: test machines may have little disk free.
         for (flag, value) in [
@@ -96,10 +107,10 @@ impl Daemon {
         }
         let Some(addr) = addr else {
             let status = child.wait().unwrap();
-            panic!(
+            return Err(format!(
                 "grouprelay exited ({status}) before listening:\n{}",
                 log.text.lock().unwrap()
-            );
+            ));
         };
         let sink = log.clone();
         std::thread::spawn(move || {
@@ -107,12 +118,12 @@ impl Daemon {
                 sink.push(&line);
             }
         });
-        Daemon {
+        Ok(Daemon {
             child: Some(child),
             addr,
             data_dir: data_dir.to_path_buf(),
             log,
-        }
+        })
     }
 
     pub fn pid(&self) -> i32 {
