@@ -105,18 +105,6 @@ impl Rng {
     }
 }
 
-fn base_seed() -> u64 {
-    std::env::var("GROUPRELAY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-}
-
 fn cuts_per_scenario() -> u64 {
     std::env::var("GROUPRELAY_POWER_CUTS")
         .ok()
@@ -552,7 +540,7 @@ async fn cuts(scenario: Scenario, mode: Mode, base: u64, cuts: u64) -> Vec<Outco
 /// The promise: nothing acknowledged in `fsync` mode is lost to any cut, and grouprelay
 /// always starts again with balanced books.
 async fn nothing_lost(scenario: Scenario) {
-    let base = base_seed();
+    let base = common::test_seed();
     let outcomes = cuts(scenario, FSYNC, base, cuts_per_scenario()).await;
     let failures: Vec<String> = outcomes
         .iter()
@@ -607,6 +595,19 @@ async fn dead_lettering_loses_nothing_to_a_power_cut() {
     nothing_lost(Scenario::DeadLetter).await;
 }
 
+/// Runs two cuts that must each lose acknowledged calls: the harness's proof that it can fail.
+async fn must_lose(mode: Mode, what: &str) {
+    let outcomes = cuts(Scenario::Steady, mode, common::test_seed(), 2).await;
+    for outcome in &outcomes {
+        assert!(
+            !outcome.lost.is_empty(),
+            "{}: {what} lost none of {} acknowledged calls: the harness cannot see loss",
+            outcome.label,
+            outcome.acknowledged
+        );
+    }
+}
+
 /// The harness sees loss where there is some: `interval` mode answers before the flush, so a
 /// cut that drops every unsynced write must take acknowledged calls with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,20 +615,12 @@ async fn interval_mode_loses_calls_to_a_power_cut() {
     // A flush period longer than the run before the cut: every answer precedes any flush.
     let mode = Mode {
         durability: "interval",
-        failpoints: None,
-        variation: Some(Variation::LoseAll),
         sync_interval_ms: "10000",
+        variation: Some(Variation::LoseAll),
         big_calls: false,
+        ..FSYNC
     };
-    let outcomes = cuts(Scenario::Steady, mode, base_seed(), 2).await;
-    for outcome in &outcomes {
-        assert!(
-            !outcome.lost.is_empty(),
-            "{}: interval mode lost none of {} calls answered before any flush: the harness cannot see loss",
-            outcome.label,
-            outcome.acknowledged
-        );
-    }
+    must_lose(mode, "interval mode").await;
 }
 
 /// The harness sees a missing `fdatasync`: with the committer's fdatasync skipped (sled's
@@ -640,13 +633,5 @@ async fn fsync_mode_without_its_fdatasync_loses_calls_to_a_power_cut() {
         big_calls: false,
         ..FSYNC
     };
-    let outcomes = cuts(Scenario::Steady, mode, base_seed(), 2).await;
-    for outcome in &outcomes {
-        assert!(
-            !outcome.lost.is_empty(),
-            "{}: fsync mode without its fdatasync lost none of {} calls: the harness cannot see it",
-            outcome.label,
-            outcome.acknowledged
-        );
-    }
+    must_lose(mode, "fsync mode without its fdatasync").await;
 }

@@ -675,17 +675,11 @@ impl Filesystem for PowerFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.with(|st| st.remove(parent.0, name, false)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, self.with(|st| st.remove(parent.0, name, false)));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.with(|st| st.remove(parent.0, name, true)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, self.with(|st| st.remove(parent.0, name, true)));
     }
 
     fn symlink(
@@ -724,10 +718,10 @@ impl Filesystem for PowerFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.with(|st| st.rename(parent.0, name, newparent.0, newname, flags)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.with(|st| st.rename(parent.0, name, newparent.0, newname, flags)),
+        );
     }
 
     fn link(
@@ -822,11 +816,7 @@ impl Filesystem for PowerFs {
             }
             Err(_) => true,
         };
-        if frozen {
-            reply.error(Errno::EIO);
-        } else {
-            reply.ok();
-        }
+        answer(reply, if frozen { Err(Errno::EIO) } else { Ok(()) });
     }
 
     fn fsync(
@@ -844,10 +834,7 @@ impl Filesystem for PowerFs {
             st.tree.sync_file(ino.0);
             Ok(())
         });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, result);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -897,11 +884,7 @@ impl Filesystem for PowerFs {
             }
             Err(_) => true,
         };
-        if frozen {
-            reply.error(Errno::EIO);
-        } else {
-            reply.ok();
-        }
+        answer(reply, if frozen { Err(Errno::EIO) } else { Ok(()) });
     }
 
     fn fsyncdir(
@@ -919,10 +902,7 @@ impl Filesystem for PowerFs {
             st.tree.sync_dir(ino.0);
             Ok(())
         });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, result);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -968,10 +948,7 @@ impl Filesystem for PowerFs {
             }
             Ok(())
         });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(reply, result);
     }
 
     fn create(
@@ -1029,9 +1006,17 @@ impl Filesystem for PowerFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.with(|st| st.fallocate(ino.0, fh, offset, length, mode)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer(
+            reply,
+            self.with(|st| st.fallocate(ino.0, fh, offset, length, mode)),
+        );
+    }
+}
+
+/// Answers an operation that returns nothing but success or an error.
+fn answer(reply: ReplyEmpty, result: Result<(), Errno>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
     }
 }
