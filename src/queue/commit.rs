@@ -13,7 +13,6 @@
 //! ([`GroupCommit::answer_after_flush`]), which sends it when the next flush to start has
 //! finished: one wake-up per request instead of one for the write and one for the flush.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,7 +65,6 @@ impl GroupCommit {
     /// end once the flush has succeeded.
     pub(crate) fn start(
         db: sled::Db,
-        data_file: File,
         period: Duration,
         before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
         after_flush: Box<dyn Fn(u64) + Send + Sync>,
@@ -90,7 +88,6 @@ impl GroupCommit {
         let task = tokio::spawn(committer(
             shared.clone(),
             db,
-            Arc::new(data_file),
             period,
             Hooks {
                 before_flush,
@@ -180,7 +177,6 @@ impl GroupCommit {
 async fn committer(
     shared: Arc<GroupCommit>,
     db: sled::Db,
-    data_file: Arc<File>,
     period: Duration,
     hooks: Hooks,
     flushed: watch::Sender<Flushed>,
@@ -215,13 +211,15 @@ async fn committer(
         answering.taken = shared.take_answers();
         let covered = before_flush();
         let started = std::time::Instant::now();
-        let (db, file) = (db.clone(), data_file.clone());
+        let db = db.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
             db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
             if crate::failpoint::skips("queue-skip-fdatasync") {
                 return Ok(());
             }
-            file.sync_data()
+            // Through sled, which counts it: a segment freed before it started can then be
+            // reused without a sync of sled's own (`docs/sled.md`).
+            db.sync_data()
                 .map_err(|e| format!("fdatasync of the queue file failed: {e}"))
         })
         .await

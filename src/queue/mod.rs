@@ -291,15 +291,11 @@ impl Queue {
         let stored = Arc::new(AtomicU64::new(stored_bytes_at_open(&meta, &db)?));
         let rejected_count = AtomicU64::new(rejected.len() as u64);
         db.flush()?;
-        let data_file = File::open(path.join("db")).map_err(|e| {
-            QueueError::Storage(format!("cannot open {}: {e}", path.join("db").display()))
-        })?;
         let inserted_end = Arc::new(AtomicU64::new(next_id));
         let written = inserted_end.clone();
         let before_flush = move || written.load(Ordering::SeqCst);
         let (commit, committer) = GroupCommit::start(
             db.clone(),
-            data_file,
             options.sync_interval,
             Box::new(before_flush),
             Box::new(move |durable_end| watermark.record(durable_end)),

@@ -349,7 +349,11 @@ impl Config {
         let file = config.open_file()?;
 
         // seal config in a Config
-        let config = RunningConfig { inner: config, file: Arc::new(file) };
+        let config = RunningConfig {
+            inner: config,
+            file: Arc::new(file),
+            syncs: Arc::default(),
+        };
 
         Db::start_inner(config)
     }
@@ -439,7 +443,7 @@ impl Config {
         });
 
         // seal config in a Config
-        RunningConfig { inner: self, file: Arc::new(file) }
+        RunningConfig { inner: self, file: Arc::new(file), syncs: Arc::default() }
     }
 
     fn gen_temp_path() -> PathBuf {
@@ -795,6 +799,38 @@ impl Config {
 pub struct RunningConfig {
     inner: Config,
     pub(crate) file: Arc<File>,
+    /// grouprelay: the data file's syncs, counted (see `sync_data`).
+    pub(crate) syncs: Arc<SyncCount>,
+}
+
+/// grouprelay: how many syncs of the data file have started, and the number of the latest
+/// that has finished, so that the segment accountant can tell whether a sync that started
+/// after some moment has finished since (see vendor/README.md).
+#[derive(Debug, Default)]
+pub(crate) struct SyncCount {
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+impl RunningConfig {
+    /// grouprelay: `fdatasync` of the data file, counted.
+    pub(crate) fn sync_data(&self) -> std::io::Result<()> {
+        let number = self.syncs.started.fetch_add(1, SeqCst) + 1;
+        self.file.sync_data()?;
+        self.syncs.finished.fetch_max(number, SeqCst);
+        Ok(())
+    }
+
+    /// grouprelay: a mark of this moment, for `synced_since`.
+    pub(crate) fn sync_mark(&self) -> u64 {
+        self.syncs.started.load(SeqCst)
+    }
+
+    /// grouprelay: whether a sync that started after `mark` was taken has finished: then
+    /// everything written before the mark is durable.
+    pub(crate) fn synced_since(&self, mark: u64) -> bool {
+        self.syncs.finished.load(SeqCst) > mark
+    }
 }
 
 #[allow(unsafe_code)]

@@ -799,6 +799,13 @@ impl Tree {
         self.context.pagecache.flush()
     }
 
+    /// grouprelay: `fdatasync` of the data file: after a `flush`, what it wrote is durable
+    /// across power loss. sled counts these syncs, and reuses a freed segment without a sync
+    /// of its own once one has covered it (see vendor/README.md).
+    pub fn sync_data(&self) -> Result<()> {
+        self.context.pagecache.config.sync_data().map_err(Into::into)
+    }
+
     /// Asynchronously flushes all dirty IO buffers
     /// and calls fsync. If this succeeds, it is
     /// guaranteed that all previous writes will

@@ -91,6 +91,8 @@ pub(crate) struct SegmentAccountant {
 
     // TODO put behind a single mutex
     free: BTreeSet<LogOffset>,
+    /// grouprelay: each free segment's sync mark from when it was freed (see `next`).
+    freed_at: FastMap8<LogOffset, u64>,
     tip: LogOffset,
     max_stabilized_lsn: Lsn,
     segment_cleaner: SegmentCleaner,
@@ -480,6 +482,7 @@ impl SegmentAccountant {
             config,
             segments: vec![],
             free: BTreeSet::default(),
+            freed_at: FastMap8::default(),
             tip: 0,
             max_stabilized_lsn: -1,
             segment_cleaner,
@@ -689,6 +692,7 @@ impl SegmentAccountant {
         assert!(!self.free.contains(&lid), "double-free of a segment occurred");
 
         self.free.insert(lid);
+        let _ = self.freed_at.insert(lid, self.config.sync_mark());
 
         // remove the old ordering from our list
         if let Segment::Free(Free { previous_lsn: Some(last_lsn) }) =
@@ -711,7 +715,9 @@ impl SegmentAccountant {
             let last_segment = self.tip - self.config.segment_size as LogOffset;
             if self.free.contains(&last_segment) {
                 self.free.remove(&last_segment);
-                self.truncate(last_segment)?;
+                let freed_at =
+                    self.freed_at.remove(&last_segment).unwrap_or(u64::MAX);
+                self.truncate(last_segment, freed_at)?;
             } else {
                 break;
             }
@@ -1017,10 +1023,14 @@ impl SegmentAccountant {
 
         let lid = if let Some(next) = safe {
             // grouprelay: a free segment still holds the old versions of pages whose
-            // replacements were written but perhaps not yet synced. Make them durable before
-            // the old versions are overwritten, so that a power cut cannot take both (see
-            // vendor/README.md).
-            self.config.file.sync_all()?;
+            // replacements were written but perhaps not yet synced. They must be durable
+            // before the old versions are overwritten, so that a power cut cannot take both
+            // (see vendor/README.md): a sync that started after the segment was freed covers
+            // them; without one, sync now.
+            let freed_at = self.freed_at.remove(&next).unwrap_or(u64::MAX);
+            if !self.config.synced_since(freed_at) {
+                self.config.sync_data()?;
+            }
             self.free.remove(&next);
             next
         } else {
@@ -1082,7 +1092,7 @@ impl SegmentAccountant {
     }
 
     // truncate the file to the desired length
-    fn truncate(&mut self, at: LogOffset) -> Result<()> {
+    fn truncate(&mut self, at: LogOffset, freed_at: u64) -> Result<()> {
         trace!("asynchronously truncating file to length {}", at);
 
         assert_eq!(
@@ -1109,11 +1119,15 @@ impl SegmentAccountant {
             .name("sled-truncate".into())
             .spawn(move || {
                 debug!("truncating file to length {}", at);
-                // grouprelay: what replaced the truncated segments' pages is made durable
-                // before the truncation can be (see vendor/README.md).
-                let res = config
-                    .file
-                    .sync_all()
+                // grouprelay: what replaced the truncated segment's pages is made durable
+                // before the truncation can be, unless a sync since it was freed did (see
+                // vendor/README.md).
+                let synced = if config.synced_since(freed_at) {
+                    Ok(())
+                } else {
+                    config.sync_data()
+                };
+                let res = synced
                     .and_then(|_| config.file.set_len(at))
                     .and_then(|_| config.file.sync_all())
                     .map_err(|e| e.into());
