@@ -30,7 +30,6 @@ mod space;
 mod watermark;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1080,18 +1079,11 @@ fn decode_dead(value: &[u8]) -> Result<DeadRecord, QueueError> {
         .map_err(|e| QueueError::Storage(format!("damaged dead letter: {e}")))
 }
 
-/// Makes durable what sled and the watermark created or renamed at open (`docs/sled.md`):
-/// `conf`'s bytes (sled never syncs them), the names in `blobs/`, in the database directory
-/// (`db`, `conf`, `blobs`, the snapshot sled renamed into place, the watermark) and the
-/// database directory's own name in the data dir. Once per open: the per-request cost is
-/// unchanged.
+/// Makes durable the names sled and the watermark created at open (`docs/sled.md`): those in
+/// the database directory (`db`, `blobs`, the watermark; the patched sled syncs `conf` and
+/// its snapshot's rename itself) and the database directory's own name in the data dir.
+/// Once per open: the per-request cost is unchanged.
 fn sync_names(data_dir: &Path, db_dir: &Path) -> std::io::Result<()> {
-    match File::open(db_dir.join("conf")) {
-        Ok(conf) => conf.sync_all()?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    crate::dirsync::sync_dir(&db_dir.join("blobs"))?;
     crate::dirsync::sync_dir(db_dir)?;
     crate::dirsync::sync_dir(data_dir)
 }
