@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use grouprelay::queue::keys::chunk_key;
 use grouprelay::queue::{Durability, Queue, QueueError, QueueOptions};
 
 /// Opens a queue this process closed a moment ago. sled's own I/O threads can hold the
@@ -285,14 +286,6 @@ async fn calls_are_handed_out_only_once_durable() {
     let queue = open_again(options).await;
     assert_eq!(queue.read(0, 10).unwrap().len(), 1);
     queue.close().await.unwrap();
-}
-
-/// The key of the chunk holding `count` calls from id `first`, as the queue stores it.
-fn chunk_key(first: u64, count: u32) -> Vec<u8> {
-    let mut key = vec![b'c'];
-    key.extend_from_slice(&first.to_be_bytes());
-    key.extend_from_slice(&count.to_be_bytes());
-    key
 }
 
 #[tokio::test]

@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, Notify};
 
 use super::commit::GroupCommit;
+use super::keys::chunk_key;
 use super::record::{self, CHUNK_HEADER_LEN};
-use super::{chunk_key, Durability, QueueError, KEY_OVERHEAD};
+use super::{Durability, QueueError, KEY_OVERHEAD};
 
 /// Most record bytes in one chunk. sled 0.34 splits a leaf past 16 keys and writes any log
 /// message over a quarter of a 512 KiB segment as a separate *blob* file; 17 chunks of this
@@ -413,7 +414,7 @@ mod tests {
             for unit in &units {
                 prop_assert!(!unit.chunks.is_empty());
                 for (key, value) in &unit.chunks {
-                    let chunk = crate::queue::decode_chunk_key(key).unwrap();
+                    let chunk = crate::queue::keys::decode_chunk_key(key).unwrap();
                     prop_assert_eq!(chunk.first, next_id);
                     let records = record::decode_chunk(value).unwrap();
                     prop_assert_eq!(records.len(), chunk.count as usize);

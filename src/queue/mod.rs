@@ -24,6 +24,7 @@
 
 mod appender;
 mod commit;
+pub mod keys;
 mod ledger;
 pub mod record;
 mod space;
@@ -41,6 +42,10 @@ use tokio::task::JoinHandle;
 use crate::spec::RejectedCall;
 use appender::{AppendError, Appender, Target};
 use commit::GroupCommit;
+use keys::{
+    chunk_key, decode_chunk_key, decode_done_key, decode_id, done_key, CHUNK_PREFIX, DONE_PREFIX,
+    LEDGER_KEY,
+};
 use ledger::{Books, Settlement};
 pub use ledger::{ChunkRef, Counters};
 pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
@@ -78,11 +83,6 @@ const DB_FORMAT: u8 = 2;
 /// Written by a clean `close`: the exact stored-bytes count. Removed at open, so that its
 /// absence tells a crash (and a recount) apart.
 const CLEAN_CLOSE_KEY: &str = "clean_close_stored_bytes";
-/// Keys in the queue tree: a chunk is `c` + first id + call count, its done-bits `a` + first
-/// id, the counters `l`.
-const CHUNK_PREFIX: u8 = b'c';
-const DONE_PREFIX: u8 = b'a';
-const LEDGER_KEY: &[u8] = b"l";
 /// Bytes counted against the limit for each stored value besides its own (its key, roughly).
 const KEY_OVERHEAD: u64 = 16;
 
@@ -928,48 +928,15 @@ fn read_books(tree: &sled::Tree) -> Result<Books, QueueError> {
     };
     for item in tree.scan_prefix([DONE_PREFIX]) {
         let (key, bits) = item?;
-        let first = key
-            .get(1..9)
-            .and_then(|id| <[u8; 8]>::try_from(id).ok())
-            .map(u64::from_be_bytes)
-            .ok_or_else(|| QueueError::Storage("damaged done-bits key".into()))?;
-        books.done.insert(first, ledger::decode_bits(&bits));
+        books
+            .done
+            .insert(decode_done_key(&key)?, ledger::decode_bits(&bits));
     }
     Ok(books)
 }
 
 fn encode_counters(counters: &Counters) -> Result<Vec<u8>, QueueError> {
     serde_json::to_vec(counters).map_err(|e| QueueError::Storage(e.to_string()))
-}
-
-/// A chunk's key: its first id, then its call count, so that key order is id order.
-pub(crate) fn chunk_key(first: u64, count: u32) -> [u8; 13] {
-    let mut key = [0u8; 13];
-    key[0] = CHUNK_PREFIX;
-    key[1..9].copy_from_slice(&first.to_be_bytes());
-    key[9..].copy_from_slice(&count.to_be_bytes());
-    key
-}
-
-pub(crate) fn decode_chunk_key(key: &[u8]) -> Result<ChunkRef, QueueError> {
-    match key {
-        [CHUNK_PREFIX, first @ .., c0, c1, c2, c3] if first.len() == 8 => Ok(ChunkRef {
-            first: u64::from_be_bytes(first.try_into().expect("8 bytes")),
-            count: u32::from_be_bytes([*c0, *c1, *c2, *c3]),
-            stored_bytes: 0,
-        }),
-        _ => Err(QueueError::Storage(format!(
-            "queue key of {} bytes is not a chunk key",
-            key.len()
-        ))),
-    }
-}
-
-fn done_key(first: u64) -> [u8; 9] {
-    let mut key = [0u8; 9];
-    key[0] = DONE_PREFIX;
-    key[1..].copy_from_slice(&first.to_be_bytes());
-    key
 }
 
 /// A call as JSON for a dead letter; bytes that are not JSON (a damaged record) are kept as
@@ -1066,12 +1033,6 @@ fn transaction_error(e: sled::transaction::TransactionError<()>) -> QueueError {
             QueueError::Storage("transaction aborted".into())
         }
     }
-}
-
-fn decode_id(key: &[u8]) -> Result<u64, QueueError> {
-    <[u8; 8]>::try_from(key)
-        .map(u64::from_be_bytes)
-        .map_err(|_| QueueError::Storage(format!("a key of {} bytes is not an id", key.len())))
 }
 
 fn decode_dead(value: &[u8]) -> Result<DeadRecord, QueueError> {
