@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, Notify};
 
-use super::commit::GroupCommit;
+use super::commit::{AppendError, GroupCommit, Reply};
 use super::keys::chunk_key;
 use super::record::{self, CHUNK_HEADER_LEN};
 use super::{Durability, QueueError, KEY_OVERHEAD};
@@ -34,20 +34,6 @@ pub const CHUNK_BYTES: usize = 7_000;
 /// Rounds one writer writes before it hands the rest to a fresh task, so that its own
 /// request is not held up behind a steady stream of others.
 const ROUNDS_PER_WRITER: usize = 8;
-
-/// Why an append did not succeed.
-#[derive(Debug)]
-pub(crate) enum AppendError {
-    /// Nothing of the request was written, and its bytes are no longer counted.
-    NotWritten(QueueError),
-    /// Written, or perhaps written (the write was interrupted), but not known to be
-    /// durable; its bytes stay counted.
-    NotDurable(Arc<str>),
-}
-
-/// How a request learns its append's outcome: in `interval` mode once written, in `fsync`
-/// mode once a flush has covered it (the committer sends it then).
-pub(crate) type Reply = oneshot::Sender<Result<(), AppendError>>;
 
 /// What the appender writes into, shared with the queue.
 pub(crate) struct Target {

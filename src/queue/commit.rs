@@ -12,19 +12,35 @@
 //! In `fsync` mode the appender hands each written request's answer to the committer
 //! ([`GroupCommit::answer_after_flush`]), which sends it when the next flush to start has
 //! finished: one wake-up per request instead of one for the write and one for the flush.
+//! So the answers' types ([`AppendError`], [`Reply`]) live here, and the appender imports
+//! them: imports run appender → committer, never back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::appender::{AppendError, Reply};
+use super::QueueError;
 
 /// How long a writer waits for its answer (written, then in `fsync` mode flushed) before
 /// giving up with an error.
 pub(crate) const FLUSH_WAIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// Why an append did not succeed.
+#[derive(Debug)]
+pub(crate) enum AppendError {
+    /// Nothing of the request was written, and its bytes are no longer counted.
+    NotWritten(QueueError),
+    /// Written, or perhaps written (the write was interrupted), but not known to be
+    /// durable; its bytes stay counted.
+    NotDurable(Arc<str>),
+}
+
+/// How a request learns its append's outcome: in `interval` mode once written, in `fsync`
+/// mode once a flush has covered it (the committer sends it then).
+pub(crate) type Reply = oneshot::Sender<Result<(), AppendError>>;
 
 /// What the flushes so far achieved.
 #[derive(Debug, Clone)]

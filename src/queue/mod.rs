@@ -40,8 +40,8 @@ use serde_json::value::RawValue;
 use tokio::task::JoinHandle;
 
 use crate::spec::RejectedCall;
-use appender::{AppendError, Appender, Target};
-use commit::GroupCommit;
+use appender::{Appender, Target};
+use commit::{AppendError, GroupCommit};
 use keys::{
     chunk_key, decode_chunk_key, decode_done_key, decode_id, done_key, CHUNK_PREFIX, DONE_PREFIX,
     LEDGER_KEY,
