@@ -85,7 +85,7 @@ impl Appender {
         let lead = {
             let mut pending = self.pending.lock().expect("appender lock");
             if pending.closed {
-                return Err(AppendError::NotWritten(closed()));
+                return Err(AppendError::NotWritten(QueueError::Closed));
             }
             pending.round.push((records, reply));
             !std::mem::replace(&mut pending.writing, true)
@@ -131,11 +131,8 @@ impl Appender {
                 // longer match what sled holds, and writing on could overwrite stored calls.
                 // Refuse (503) until a restart reads the state back from disk.
                 Err(_) => {
-                    let broken = QueueError::Storage(
-                        "an earlier queue write failed part way; restart grouprelay".into(),
-                    );
                     for (records, reply) in round {
-                        refuse(&self.stored_bytes, &records, reply, broken.clone());
+                        refuse(&self.stored_bytes, &records, reply, QueueError::Broken);
                     }
                 }
             }
@@ -210,10 +207,6 @@ fn refuse(stored_bytes: &AtomicU64, records: &[Vec<u8>], reply: Reply, error: Qu
     if reply.send(Err(AppendError::NotWritten(error))).is_err() {
         super::release(stored_bytes, record::entries_size(records) as u64);
     }
-}
-
-fn closed() -> QueueError {
-    QueueError::Storage("the queue is closed".into())
 }
 
 type Round = Vec<(Vec<Vec<u8>>, Reply)>;

@@ -37,7 +37,7 @@ pub fn decode_chunk_key(key: &[u8]) -> Result<ChunkRef, QueueError> {
             count: u32::from_be_bytes([*c0, *c1, *c2, *c3]),
             stored_bytes: 0,
         }),
-        _ => Err(QueueError::Storage(format!(
+        _ => Err(QueueError::Damaged(format!(
             "queue key of {} bytes is not a chunk key",
             key.len()
         ))),
@@ -56,7 +56,7 @@ pub fn done_key(first: u64) -> [u8; 9] {
 pub fn decode_done_key(key: &[u8]) -> Result<u64, QueueError> {
     match key {
         [DONE_PREFIX, first @ ..] => decode_id(first),
-        _ => Err(QueueError::Storage("damaged done-bits key".into())),
+        _ => Err(QueueError::Damaged("done-bits key".into())),
     }
 }
 
@@ -64,7 +64,7 @@ pub fn decode_done_key(key: &[u8]) -> Result<u64, QueueError> {
 pub fn decode_id(key: &[u8]) -> Result<u64, QueueError> {
     <[u8; 8]>::try_from(key)
         .map(u64::from_be_bytes)
-        .map_err(|_| QueueError::Storage(format!("a key of {} bytes is not an id", key.len())))
+        .map_err(|_| QueueError::Damaged(format!("a key of {} bytes is not an id", key.len())))
 }
 
 #[cfg(test)]

@@ -133,6 +133,17 @@ pub enum QueueError {
     Full { stored: u64, limit: u64 },
     /// The filesystem's free space is below the floor: try again later.
     DiskLow { free: u64, floor: u64 },
+    /// The queue was closed (grouprelay is stopping) before the calls could be written.
+    Closed,
+    /// An earlier write panicked part way: the next id and the byte count may no longer match
+    /// what sled holds, so writes are refused until a restart reads the state back from disk.
+    Broken,
+    /// The calls were written, or perhaps written, but no flush is known to have made them
+    /// durable (a flush failed, or did not finish in time). They may still be delivered.
+    NotDurable(String),
+    /// Bytes read back from the database cannot be decoded: a damaged key, counters, a dead
+    /// letter or a stored record.
+    Damaged(String),
     /// sled or the filesystem failed.
     Storage(String),
     /// The database was written by a newer grouprelay.
@@ -151,6 +162,15 @@ impl std::fmt::Display for QueueError {
                 f,
                 "the data dir's filesystem has {free} bytes free, below the floor of {floor}"
             ),
+            QueueError::Closed => f.write_str("the queue is closed"),
+            QueueError::Broken => {
+                f.write_str("an earlier queue write failed part way; restart grouprelay")
+            }
+            QueueError::NotDurable(e) => write!(
+                f,
+                "calls not known to be durable ({e}); they may still be delivered"
+            ),
+            QueueError::Damaged(e) => write!(f, "damaged queue data: {e}"),
             QueueError::Storage(e) => write!(f, "queue storage error: {e}"),
             QueueError::NewerFormat(v) => write!(
                 f,
@@ -344,7 +364,7 @@ impl Queue {
     ) -> Result<(), QueueError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::SeqCst) {
-            return Err(QueueError::Storage("the queue is closed".into()));
+            return Err(QueueError::Closed);
         }
         let records: Vec<Vec<u8>> = calls
             .iter()
@@ -387,9 +407,11 @@ impl Queue {
         if records.is_empty() {
             // Only rejected calls: they too are answered once durable.
             return match inner.durability {
-                Durability::Fsync => inner.commit.durable().await.map_err(|e| {
-                    QueueError::Storage(format!("rejected calls not made durable ({e})"))
-                }),
+                Durability::Fsync => inner
+                    .commit
+                    .durable()
+                    .await
+                    .map_err(|e| QueueError::NotDurable(format!("rejected calls: {e}"))),
                 Durability::Interval => {
                     inner.commit.mark_dirty();
                     Ok(())
@@ -418,9 +440,7 @@ impl Queue {
                 Err(e)
             }
             // Its bytes stay counted: the calls are (or may be) stored.
-            Err(AppendError::NotDurable(e)) => Err(QueueError::Storage(format!(
-                "calls not known to be durable ({e}); they may still be delivered"
-            ))),
+            Err(AppendError::NotDurable(e)) => Err(QueueError::NotDurable(e.to_string())),
         }
     }
 
@@ -847,8 +867,8 @@ impl Queue {
                 .await
                 .is_err()
             {
-                return Err(QueueError::Storage(
-                    "the last flush did not finish; what it covered may not be durable".into(),
+                return Err(QueueError::NotDurable(
+                    "the last flush did not finish".into(),
                 ));
             }
         }
@@ -919,7 +939,7 @@ fn settle_into(
 fn read_books(tree: &sled::Tree) -> Result<Books, QueueError> {
     let counters = match tree.get(LEDGER_KEY)? {
         Some(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| QueueError::Storage(format!("damaged queue counters: {e}")))?,
+            .map_err(|e| QueueError::Damaged(format!("queue counters: {e}")))?,
         None => Counters::default(),
     };
     let mut books = Books {
@@ -1019,8 +1039,7 @@ fn read_json_tree<T: serde::de::DeserializeOwned>(
         .values()
         .map(|value| {
             let value = value?;
-            serde_json::from_slice(&value)
-                .map_err(|e| QueueError::Storage(format!("damaged {what}: {e}")))
+            serde_json::from_slice(&value).map_err(|e| QueueError::Damaged(format!("{what}: {e}")))
         })
         .collect()
 }
@@ -1036,8 +1055,7 @@ fn transaction_error(e: sled::transaction::TransactionError<()>) -> QueueError {
 }
 
 fn decode_dead(value: &[u8]) -> Result<DeadRecord, QueueError> {
-    serde_json::from_slice(value)
-        .map_err(|e| QueueError::Storage(format!("damaged dead letter: {e}")))
+    serde_json::from_slice(value).map_err(|e| QueueError::Damaged(format!("dead letter: {e}")))
 }
 
 /// Makes durable the names sled and the watermark created at open (`docs/sled.md`): those in
