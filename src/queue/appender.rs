@@ -21,10 +21,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, Notify};
 
+use super::budget::{Budget, KEY_OVERHEAD};
 use super::commit::{AppendError, GroupCommit, Reply};
 use super::keys::chunk_key;
 use super::record::{self, CHUNK_HEADER_LEN};
-use super::{Durability, QueueError, KEY_OVERHEAD};
+use super::{Durability, QueueError};
 
 /// Most record bytes in one chunk. sled 0.34 splits a leaf past 16 keys and writes any log
 /// message over a quarter of a 512 KiB segment as a separate *blob* file; 17 chunks of this
@@ -42,7 +43,7 @@ pub(crate) struct Target {
     pub next_id: u64,
     /// One past the last id whose chunk is written; readers stop there.
     pub inserted_end: Arc<AtomicU64>,
-    pub stored_bytes: Arc<AtomicU64>,
+    pub budget: Arc<Budget>,
     pub commit: Arc<GroupCommit>,
     pub durability: Durability,
 }
@@ -58,7 +59,7 @@ struct Pending {
 pub(crate) struct Appender {
     pending: Mutex<Pending>,
     /// The queue's byte count, to give back the bytes of requests refused unwritten.
-    stored_bytes: Arc<AtomicU64>,
+    budget: Arc<Budget>,
     /// Only the current writer takes it.
     target: Mutex<Target>,
     /// Woken when a writer finds the list empty and stops.
@@ -68,7 +69,7 @@ pub(crate) struct Appender {
 impl Appender {
     pub fn start(target: Target) -> Result<Arc<Appender>, QueueError> {
         Ok(Arc::new(Appender {
-            stored_bytes: target.stored_bytes.clone(),
+            budget: target.budget.clone(),
             pending: Mutex::new(Pending {
                 round: Vec::new(),
                 writing: false,
@@ -132,7 +133,7 @@ impl Appender {
                 // Refuse (503) until a restart reads the state back from disk.
                 Err(_) => {
                     for (records, reply) in round {
-                        refuse(&self.stored_bytes, &records, reply, QueueError::Broken);
+                        refuse(&self.budget, &records, reply, QueueError::Broken);
                     }
                 }
             }
@@ -196,16 +197,16 @@ impl Drop for WriterGuard<'_> {
         self.0.idle.notify_waiters();
         for (records, reply) in round {
             let error = QueueError::Storage("a queue write failed part way".into());
-            refuse(&self.0.stored_bytes, &records, reply, error);
+            refuse(&self.0.budget, &records, reply, error);
         }
     }
 }
 
 /// Answers a request whose calls were not written; if it is gone (it timed out), gives back
 /// the bytes it reserved, which it would have done itself.
-fn refuse(stored_bytes: &AtomicU64, records: &[Vec<u8>], reply: Reply, error: QueueError) {
+fn refuse(budget: &Budget, records: &[Vec<u8>], reply: Reply, error: QueueError) {
     if reply.send(Err(AppendError::NotWritten(error))).is_err() {
-        super::release(stored_bytes, record::entries_size(records) as u64);
+        budget.release(record::entries_size(records) as u64);
     }
 }
 
@@ -248,10 +249,8 @@ impl Target {
             self.next_id = end;
             // The requests reserved their records' bytes; the chunks' own overhead is
             // counted here, so that a removed chunk gives back exactly what it took.
-            self.stored_bytes.fetch_add(
-                chunk_count * (CHUNK_HEADER_LEN as u64 + KEY_OVERHEAD),
-                Ordering::SeqCst,
-            );
+            self.budget
+                .add(chunk_count * (CHUNK_HEADER_LEN as u64 + KEY_OVERHEAD));
         }
         if written > 0 {
             self.inserted_end.store(self.next_id, Ordering::SeqCst);
@@ -265,9 +264,7 @@ impl Target {
         let mut stored = Vec::with_capacity(round.len());
         for ((records, reply), needs) in round.into_iter().zip(needs) {
             match &error {
-                Some(e) if needs > written => {
-                    refuse(&self.stored_bytes, &records, reply, e.clone())
-                }
+                Some(e) if needs > written => refuse(&self.budget, &records, reply, e.clone()),
                 _ => stored.push(reply),
             }
         }

@@ -23,6 +23,7 @@
 //!   refused at open.
 
 mod appender;
+mod budget;
 mod commit;
 pub mod keys;
 mod ledger;
@@ -41,6 +42,7 @@ use tokio::task::JoinHandle;
 
 use crate::spec::RejectedCall;
 use appender::{Appender, Target};
+use budget::{stored_size, Budget};
 use commit::{AppendError, GroupCommit};
 use keys::{
     chunk_key, decode_chunk_key, decode_done_key, decode_id, done_key, CHUNK_PREFIX, DONE_PREFIX,
@@ -83,8 +85,6 @@ const DB_FORMAT: u8 = 2;
 /// Written by a clean `close`: the exact stored-bytes count. Removed at open, so that its
 /// absence tells a crash (and a recount) apart.
 const CLEAN_CLOSE_KEY: &str = "clean_close_stored_bytes";
-/// Bytes counted against the limit for each stored value besides its own (its key, roughly).
-const KEY_OVERHEAD: u64 = 16;
 
 /// When an append counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,8 +229,8 @@ struct Inner {
     rejected: sled::Tree,
     dead: sled::Tree,
     durability: Durability,
-    max_bytes: u64,
-    stored_bytes: Arc<AtomicU64>,
+    /// The bytes of stored records, against `max_bytes`.
+    budget: Arc<Budget>,
     free_space: FreeSpace,
     /// One past the last call id written (not necessarily durable yet).
     inserted_end: Arc<AtomicU64>,
@@ -240,8 +240,6 @@ struct Inner {
     rejected_count: AtomicU64,
     /// Set by `close`: appends after it are refused.
     closed: AtomicBool,
-    /// The last append was refused for want of room, and none has been freed since.
-    at_limit: AtomicBool,
     commit: Arc<GroupCommit>,
     committer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -307,7 +305,7 @@ impl Queue {
                 path.display()
             ))
         })?;
-        let stored = Arc::new(AtomicU64::new(stored_bytes_at_open(&meta, &db)?));
+        let budget = Arc::new(Budget::new(budget::at_open(&meta, &db)?, options.max_bytes));
         let rejected_count = AtomicU64::new(rejected.len() as u64);
         db.flush()?;
         let inserted_end = Arc::new(AtomicU64::new(next_id));
@@ -323,7 +321,7 @@ impl Queue {
             tree: tree.clone(),
             next_id,
             inserted_end: inserted_end.clone(),
-            stored_bytes: stored.clone(),
+            budget: budget.clone(),
             commit: commit.clone(),
             durability: options.durability,
         })?;
@@ -335,15 +333,13 @@ impl Queue {
                 rejected,
                 dead,
                 durability: options.durability,
-                max_bytes: options.max_bytes,
-                stored_bytes: stored,
+                budget,
                 free_space: FreeSpace::new(&options.data_dir, options.min_free_bytes),
                 inserted_end,
                 appender,
                 books: Mutex::new(books),
                 rejected_count,
                 closed: AtomicBool::new(false),
-                at_limit: AtomicBool::new(false),
                 commit,
                 committer: Mutex::new(Some(committer)),
             }),
@@ -375,10 +371,7 @@ impl Queue {
             .map(|r| rejected_record(write_key, received_ms, r))
             .collect::<Result<Vec<_>, _>>()?;
         let calls_size = record::entries_size(&records) as u64;
-        let rejected_size: u64 = rejected_records
-            .iter()
-            .map(|r| r.len() as u64 + KEY_OVERHEAD)
-            .sum();
+        let rejected_size: u64 = rejected_records.iter().map(|r| stored_size(r.len())).sum();
         let size = calls_size + rejected_size;
         if let Err(free) = inner.free_space.check(size) {
             return Err(QueueError::DiskLow {
@@ -386,7 +379,7 @@ impl Queue {
                 floor: inner.free_space.floor(),
             });
         }
-        self.reserve(size)?;
+        inner.budget.reserve(size)?;
 
         if !rejected_records.is_empty() {
             let count = rejected_records.len() as u64;
@@ -398,7 +391,7 @@ impl Queue {
                 inner.rejected.apply_batch(batch)
             })();
             if let Err(e) = written {
-                release(&inner.stored_bytes, size);
+                inner.budget.release(size);
                 tracing::error!(error = %e, "cannot keep rejected calls");
                 return Err(e.into());
             }
@@ -436,29 +429,12 @@ impl Queue {
         match appended {
             Ok(()) => Ok(()),
             Err(AppendError::NotWritten(e)) => {
-                release(&inner.stored_bytes, calls_size);
+                inner.budget.release(calls_size);
                 Err(e)
             }
             // Its bytes stay counted: the calls are (or may be) stored.
             Err(AppendError::NotDurable(e)) => Err(QueueError::NotDurable(e.to_string())),
         }
-    }
-
-    /// Takes `size` bytes of the limit, or refuses without touching anything.
-    fn reserve(&self, size: u64) -> Result<(), QueueError> {
-        let limit = self.inner.max_bytes;
-        let reserved = self
-            .inner
-            .stored_bytes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |stored| {
-                stored.checked_add(size).filter(|&total| total <= limit)
-            })
-            .map(|_| ())
-            .map_err(|stored| QueueError::Full { stored, limit });
-        self.inner
-            .at_limit
-            .store(reserved.is_err(), Ordering::SeqCst);
-        reserved
     }
 
     /// Up to `limit` pending durable calls with ids of `from` or more, in queue order. A call
@@ -503,7 +479,7 @@ impl Queue {
         for item in inner.tree.range(chunk_key(start, 0)..chunk_key(end, 0)) {
             let (key, value) = item?;
             let mut chunk = decode_chunk_key(&key)?;
-            chunk.stored_bytes = value.len() as u64 + KEY_OVERHEAD;
+            chunk.stored_bytes = stored_size(value.len());
             let records = match record::decode_chunk(&value) {
                 Ok(records) if records.len() == chunk.count as usize => records,
                 Ok(_) => {
@@ -583,10 +559,8 @@ impl Queue {
                 reason: "quarantined",
             })
             .inc_by(lost);
-        inner
-            .stored_bytes
-            .fetch_add(entry.len() as u64 + KEY_OVERHEAD, Ordering::SeqCst);
-        release(&inner.stored_bytes, chunk.stored_bytes);
+        inner.budget.add(stored_size(entry.len()));
+        inner.budget.release(chunk.stored_bytes);
         inner.commit.mark_dirty();
         Ok(())
     }
@@ -614,10 +588,7 @@ impl Queue {
         crate::metrics::metrics()
             .calls_delivered
             .inc_by(settlement.newly_done.len() as u64);
-        release(&inner.stored_bytes, settlement.freed_bytes());
-        if settlement.freed_bytes() > 0 {
-            inner.at_limit.store(false, Ordering::SeqCst);
-        }
+        inner.budget.free(settlement.freed_bytes());
         inner.commit.mark_dirty();
         Ok(())
     }
@@ -684,13 +655,10 @@ impl Queue {
                 reason: reason.reason,
             })
             .inc_by(settlement.newly_done.len() as u64);
-        let added: u64 = letters
-            .iter()
-            .map(|(_, v)| v.len() as u64 + KEY_OVERHEAD)
-            .sum();
+        let added: u64 = letters.iter().map(|(_, v)| stored_size(v.len())).sum();
         // Dead letters still count against the limit, as they still take disk.
-        inner.stored_bytes.fetch_add(added, Ordering::SeqCst);
-        release(&inner.stored_bytes, settlement.freed_bytes());
+        inner.budget.add(added);
+        inner.budget.release(settlement.freed_bytes());
         inner.commit.mark_dirty();
         Ok(())
     }
@@ -704,11 +672,11 @@ impl Queue {
         if inner.appender.broken() {
             return Err("a queue write failed part way: restart grouprelay".into());
         }
-        let stored = inner.stored_bytes.load(Ordering::SeqCst);
-        if stored >= inner.max_bytes || inner.at_limit.load(Ordering::SeqCst) {
+        if inner.budget.is_full() {
             return Err(format!(
-                "the queue is full: {stored} of {} bytes stored",
-                inner.max_bytes
+                "the queue is full: {} of {} bytes stored",
+                inner.budget.stored(),
+                inner.budget.limit()
             ));
         }
         if let Err(free) = inner.free_space.check(0) {
@@ -778,14 +746,11 @@ impl Queue {
             // One key at a time, counting only what this removal took: an id named twice, or
             // purged by two operators at once, frees its bytes once.
             if let Some(value) = inner.dead.remove(id.to_be_bytes())? {
-                freed += value.len() as u64 + KEY_OVERHEAD;
+                freed += stored_size(value.len());
                 purged += 1;
             }
         }
-        release(&inner.stored_bytes, freed);
-        if freed > 0 {
-            inner.at_limit.store(false, Ordering::SeqCst);
-        }
+        inner.budget.free(freed);
         inner.commit.mark_dirty();
         Ok(purged)
     }
@@ -826,12 +791,12 @@ impl Queue {
 
     /// Bytes of stored records counted against the limit.
     pub fn stored_bytes(&self) -> u64 {
-        self.inner.stored_bytes.load(Ordering::SeqCst)
+        self.inner.budget.stored()
     }
 
     /// The same count, made again from what the database holds (reads it all).
     pub fn recount_stored_bytes(&self) -> Result<u64, QueueError> {
-        recount_stored_bytes(&self.inner.db)
+        budget::recount(&self.inner.db)
     }
 
     /// Flushes run so far: with group commit, far fewer than appends under concurrency.
@@ -853,7 +818,7 @@ impl Queue {
         // Everything is written: the count is exact, and the next open may take it as is;
         // unless a write panicked part way, when only a recount knows.
         if !inner.appender.broken() {
-            let bytes = inner.stored_bytes.load(Ordering::SeqCst);
+            let bytes = inner.budget.stored();
             if let Err(e) = inner.meta.insert(CLEAN_CLOSE_KEY, &bytes.to_be_bytes()) {
                 tracing::warn!(error = %e, "cannot record the queue's byte count");
             }
@@ -986,48 +951,6 @@ fn rejected_record(
         call,
     })
     .map_err(|e| QueueError::Storage(e.to_string()))
-}
-
-/// Gives bytes back to the limit, never below zero (a count that wrapped would refuse every
-/// append for good).
-pub(super) fn release(stored: &AtomicU64, bytes: u64) {
-    let _ = stored.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
-        Some(now.saturating_sub(bytes))
-    });
-}
-
-/// Bytes counted against the limit. After a clean `close` the count it recorded is exact and
-/// is taken (and the mark removed, so that a crash from now on is noticed); after a crash, or
-/// for an older database, the stored values are counted again, the way the running count
-/// counts them: chunks, dead letters, rejected calls and quarantined chunks, each with its
-/// key's overhead, and not the counters or the done-bits.
-fn stored_bytes_at_open(meta: &sled::Tree, db: &sled::Db) -> Result<u64, QueueError> {
-    let recorded = meta
-        .remove(CLEAN_CLOSE_KEY)?
-        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
-        .map(u64::from_be_bytes);
-    if let Some(bytes) = recorded {
-        return Ok(bytes);
-    }
-    recount_stored_bytes(db)
-}
-
-/// The bytes the stored values hold against the limit, counted from the database.
-fn recount_stored_bytes(db: &sled::Db) -> Result<u64, QueueError> {
-    let mut stored = 0;
-    for value in db
-        .open_tree(QUEUE_TREE)?
-        .scan_prefix([CHUNK_PREFIX])
-        .values()
-    {
-        stored += value?.len() as u64 + KEY_OVERHEAD;
-    }
-    for name in [DEAD_TREE, REJECTED_TREE, QUARANTINE_TREE] {
-        for value in db.open_tree(name)?.iter().values() {
-            stored += value?.len() as u64 + KEY_OVERHEAD;
-        }
-    }
-    Ok(stored)
 }
 
 /// Every record of a tree of JSON records, in key order.
