@@ -21,13 +21,33 @@
 //!   [`QueueError::Full`]; nothing already queued is touched.
 //! - **Versioned.** The database records its format; one written by a newer grouprelay is
 //!   refused at open.
+//!
+//! # Parts
+//! | file | what it is |
+//! |---|---|
+//! | `mod.rs` | the `Queue` type, its options and counts, append and settlement, close |
+//! | `open.rs` | open and recovery: format, books, byte count, damage on disk, names made durable |
+//! | `keys.rs` | the queue tree's key layout and codecs |
+//! | `record.rs` | the stored record formats (calls, chunks, dead letters, rejected calls) |
+//! | `appender.rs` | the waiting requests' calls packed into chunks and written |
+//! | `commit.rs` | group commit: the flushes, and the answers they release |
+//! | `read.rs` | durable calls handed out in order; quarantine of unreadable chunks |
+//! | `ledger.rs` | the counters and done-bits, and what settling changes in them |
+//! | `dead.rs` | the dead-letter and rejected stores |
+//! | `budget.rs` | the byte count against `max_bytes`: the only code that changes it |
+//! | `space.rs` | the free-space floor |
+//! | `watermark.rs` | the durable watermark that tells damage on disk from a short log |
+//! | `error.rs` | why an operation failed |
 
 mod appender;
 mod budget;
 mod commit;
 mod dead;
+mod error;
 pub mod keys;
 mod ledger;
+mod open;
+mod read;
 pub mod record;
 mod space;
 mod watermark;
@@ -41,18 +61,16 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::spec::RejectedCall;
-use appender::{Appender, Target};
+use appender::Appender;
 use budget::{stored_size, Budget};
 use commit::{AppendError, GroupCommit};
 use dead::rejected_record;
-use keys::{
-    chunk_key, decode_chunk_key, decode_done_key, done_key, CHUNK_PREFIX, DONE_PREFIX, LEDGER_KEY,
-};
+pub use error::QueueError;
+use keys::{chunk_key, done_key, LEDGER_KEY};
 use ledger::{Books, Settlement};
 pub use ledger::{ChunkRef, Counters};
 pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
 use space::FreeSpace;
-use watermark::Watermark;
 
 /// Why calls are dead-lettered.
 #[derive(Debug, Clone)]
@@ -127,71 +145,6 @@ impl QueueOptions {
     }
 }
 
-#[derive(Debug, Clone)]
-pub enum QueueError {
-    /// The byte limit would be passed: try again later.
-    Full { stored: u64, limit: u64 },
-    /// The filesystem's free space is below the floor: try again later.
-    DiskLow { free: u64, floor: u64 },
-    /// The queue was closed (grouprelay is stopping) before the calls could be written.
-    Closed,
-    /// An earlier write panicked part way: the next id and the byte count may no longer match
-    /// what sled holds, so writes are refused until a restart reads the state back from disk.
-    Broken,
-    /// The calls were written, or perhaps written, but no flush is known to have made them
-    /// durable (a flush failed, or did not finish in time). They may still be delivered.
-    NotDurable(String),
-    /// Bytes read back from the database cannot be decoded: a damaged key, counters, a dead
-    /// letter or a stored record.
-    Damaged(String),
-    /// sled or the filesystem failed.
-    Storage(String),
-    /// The database was written by a newer grouprelay.
-    NewerFormat(u8),
-    /// The database was written by an unreleased format this build does not read.
-    OlderFormat(u8),
-}
-
-impl std::fmt::Display for QueueError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            QueueError::Full { stored, limit } => {
-                write!(f, "queue is full ({stored} of {limit} bytes stored)")
-            }
-            QueueError::DiskLow { free, floor } => write!(
-                f,
-                "the data dir's filesystem has {free} bytes free, below the floor of {floor}"
-            ),
-            QueueError::Closed => f.write_str("the queue is closed"),
-            QueueError::Broken => {
-                f.write_str("an earlier queue write failed part way; restart grouprelay")
-            }
-            QueueError::NotDurable(e) => write!(
-                f,
-                "calls not known to be durable ({e}); they may still be delivered"
-            ),
-            QueueError::Damaged(e) => write!(f, "damaged queue data: {e}"),
-            QueueError::Storage(e) => write!(f, "queue storage error: {e}"),
-            QueueError::NewerFormat(v) => write!(
-                f,
-                "the queue was written by a newer grouprelay (format {v}; this build reads up to {DB_FORMAT})"
-            ),
-            QueueError::OlderFormat(v) => write!(
-                f,
-                "the queue was written by a development build (format {v}) that this build cannot read; move the data dir's queue/ away"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for QueueError {}
-
-impl From<sled::Error> for QueueError {
-    fn from(e: sled::Error) -> Self {
-        QueueError::Storage(e.to_string())
-    }
-}
-
 /// A call handed out by [`Queue::read`].
 #[derive(Debug, Clone)]
 pub struct QueuedCall {
@@ -245,107 +198,6 @@ struct Inner {
 }
 
 impl Queue {
-    /// Opens (or creates) the queue in `options.data_dir`. Must run inside a tokio runtime:
-    /// it starts the committer task.
-    pub fn open(options: QueueOptions) -> Result<Queue, QueueError> {
-        let path = db_path(&options.data_dir);
-        crate::dirsync::create_dir_all(&path, 0o700)
-            .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(options.cache_bytes)
-            // The committer owns flushing: sled's own flusher would race it.
-            .flush_every_ms(None)
-            .open()?;
-        let meta = db.open_tree(META_TREE)?;
-        match meta.get(FORMAT_KEY)?.as_deref() {
-            Some([v]) if *v > DB_FORMAT => return Err(QueueError::NewerFormat(*v)),
-            Some([v]) if *v < DB_FORMAT => return Err(QueueError::OlderFormat(*v)),
-            Some(_) => {}
-            None => {
-                meta.insert(FORMAT_KEY, &[DB_FORMAT])?;
-            }
-        }
-        let tree = db.open_tree(QUEUE_TREE)?;
-        let rejected = db.open_tree(REJECTED_TREE)?;
-        let dead = db.open_tree(DEAD_TREE)?;
-        let mut books = read_books(&tree)?;
-        let mut next_id = match tree.scan_prefix([CHUNK_PREFIX]).next_back() {
-            Some(item) => decode_chunk_key(&item?.0)?.end(),
-            None => 0,
-        }
-        .max(books.counters.next_id_floor);
-        let watermark_path = path.join(WATERMARK_FILE);
-        let (watermark, durable_before) = Watermark::open(&watermark_path).map_err(|e| {
-            QueueError::Storage(format!("cannot open {}: {e}", watermark_path.display()))
-        })?;
-        if let Some(durable) = durable_before.filter(|&durable| durable > next_id) {
-            // sled recovered less than it had made durable: damage on disk cut its log short.
-            let lost = durable - next_id;
-            tracing::error!(
-                lost_calls = lost,
-                recovered_up_to = next_id,
-                durable_up_to = durable,
-                "the queue's database came back shorter than it was made durable: calls were lost to damage on disk"
-            );
-            *books
-                .counters
-                .dead
-                .entry("lost_on_disk".into())
-                .or_default() += lost;
-            books.counters.next_id_floor = durable;
-            tree.insert(LEDGER_KEY, encode_counters(&books.counters)?)?;
-            next_id = durable;
-        }
-        // sled made its files and renamed its snapshot without syncing a directory; no call
-        // is acknowledged before their names are durable.
-        sync_names(&options.data_dir, &path).map_err(|e| {
-            QueueError::Storage(format!(
-                "cannot make the queue's files durable in {}: {e}",
-                path.display()
-            ))
-        })?;
-        let budget = Arc::new(Budget::new(budget::at_open(&meta, &db)?, options.max_bytes));
-        let rejected_count = AtomicU64::new(rejected.len() as u64);
-        db.flush()?;
-        let inserted_end = Arc::new(AtomicU64::new(next_id));
-        let written = inserted_end.clone();
-        let before_flush = move || written.load(Ordering::SeqCst);
-        let (commit, committer) = GroupCommit::start(
-            db.clone(),
-            options.sync_interval,
-            Box::new(before_flush),
-            Box::new(move |durable_end| watermark.record(durable_end)),
-        );
-        let appender = Appender::start(Target {
-            tree: tree.clone(),
-            next_id,
-            inserted_end: inserted_end.clone(),
-            budget: budget.clone(),
-            commit: commit.clone(),
-            durability: options.durability,
-        })?;
-        Ok(Queue {
-            inner: Arc::new(Inner {
-                db,
-                meta,
-                tree,
-                rejected,
-                dead,
-                durability: options.durability,
-                budget,
-                free_space: FreeSpace::new(&options.data_dir, options.min_free_bytes),
-                inserted_end,
-                appender,
-                books: Mutex::new(books),
-                rejected_count,
-                closed: AtomicBool::new(false),
-                commit,
-                committer: Mutex::new(Some(committer)),
-            }),
-        })
-    }
-
     /// Queues one request's calls (and keeps its rejected calls), durably per the
     /// durability mode. Either every call is queued or none is.
     ///
@@ -435,134 +287,6 @@ impl Queue {
             // Its bytes stay counted: the calls are (or may be) stored.
             Err(AppendError::NotDurable(e)) => Err(QueueError::NotDurable(e.to_string())),
         }
-    }
-
-    /// Up to `limit` pending durable calls with ids of `from` or more, in queue order. A call
-    /// is handed out only once a flush covers it, so nothing is delivered that a crash could
-    /// still take back (and that its client would then send again).
-    pub fn read(&self, mut from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
-        let mut out = Vec::new();
-        // One unreadable chunk must not stop delivery of the rest: quarantine it, read on.
-        while let Some(damaged) = self.read_into(from, limit, &mut out)? {
-            from = damaged.chunk.end();
-            self.quarantine(damaged)?;
-        }
-        Ok(out)
-    }
-
-    /// Reads into `out` until `limit`, the end, or a chunk that cannot be read.
-    fn read_into(
-        &self,
-        from: u64,
-        limit: usize,
-        out: &mut Vec<QueuedCall>,
-    ) -> Result<Option<Damaged>, QueueError> {
-        let inner = &self.inner;
-        let end = inner
-            .inserted_end
-            .load(Ordering::SeqCst)
-            .min(inner.commit.durable_end());
-        if from >= end || out.len() >= limit {
-            return Ok(None);
-        }
-        // Start at the chunk that holds `from`, if one does.
-        let holding = inner
-            .tree
-            .range(chunk_key(0, 0)..=chunk_key(from, u32::MAX))
-            .next_back()
-            .transpose()?
-            .map(|(key, _)| decode_chunk_key(&key))
-            .transpose()?
-            .filter(|chunk| chunk.end() > from);
-        let start = holding.map_or(from, |chunk| chunk.first);
-        let books = inner.books.lock().expect("books lock");
-        for item in inner.tree.range(chunk_key(start, 0)..chunk_key(end, 0)) {
-            let (key, value) = item?;
-            let mut chunk = decode_chunk_key(&key)?;
-            chunk.stored_bytes = stored_size(value.len());
-            let records = match record::decode_chunk(&value) {
-                Ok(records) if records.len() == chunk.count as usize => records,
-                Ok(_) => {
-                    return Ok(Some(Damaged::new(
-                        chunk,
-                        &value,
-                        "call count differs from its key",
-                    )))
-                }
-                Err(e) => return Ok(Some(Damaged::new(chunk, &value, &e.to_string()))),
-            };
-            for (index, bytes) in records.into_iter().enumerate() {
-                let id = chunk.first + index as u64;
-                if id < from || books.is_done(chunk.first, index) {
-                    continue;
-                }
-                match record::decode_call(bytes) {
-                    Ok(record) => out.push(QueuedCall { id, record, chunk }),
-                    Err(e) => {
-                        // Drop what this chunk gave: it goes to quarantine whole.
-                        out.retain(|c| c.chunk.first != chunk.first);
-                        return Ok(Some(Damaged::new(chunk, &value, &e.to_string())));
-                    }
-                }
-                if out.len() >= limit {
-                    return Ok(None);
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// Moves a chunk that cannot be read out of the queue, atomically, into the `quarantine`
-    /// tree (same key, its bytes and the reason), for an operator to inspect; its pending
-    /// calls count as dead, reason `quarantined`.
-    fn quarantine(&self, damaged: Damaged) -> Result<(), QueueError> {
-        use sled::transaction::ConflictableTransactionError;
-        use sled::Transactional;
-        let inner = &self.inner;
-        let chunk = damaged.chunk;
-        tracing::error!(
-            first_id = chunk.first,
-            calls = chunk.count,
-            reason = %damaged.reason,
-            "unreadable queued chunk moved to quarantine"
-        );
-        let quarantine = inner.db.open_tree(QUARANTINE_TREE)?;
-        let mut books = inner.books.lock().expect("books lock");
-        let key = chunk_key(chunk.first, chunk.count);
-        if inner.tree.get(key)?.as_deref() != Some(damaged.value.as_slice()) {
-            // Another reader moved it meanwhile: count it once.
-            return Ok(());
-        }
-        let lost = u64::from(chunk.count).saturating_sub(books.done_in(chunk.first));
-        let mut counters = books.counters.clone();
-        *counters.dead.entry("quarantined".into()).or_default() += lost;
-        counters.next_id_floor = counters.next_id_floor.max(chunk.end());
-        let ledger = encode_counters(&counters)?;
-        let mut entry = Vec::with_capacity(damaged.reason.len() + 1 + damaged.value.len());
-        entry.extend_from_slice(damaged.reason.as_bytes());
-        entry.push(b'\n');
-        entry.extend_from_slice(&damaged.value);
-        (&inner.tree, &quarantine)
-            .transaction(|(tree, quarantine)| {
-                tree.remove(&key[..])?;
-                tree.remove(&done_key(chunk.first)[..])?;
-                tree.insert(LEDGER_KEY, ledger.as_slice())?;
-                quarantine.insert(&key[..], entry.as_slice())?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(transaction_error)?;
-        books.done.remove(&chunk.first);
-        books.counters = counters;
-        crate::metrics::metrics()
-            .dead_letters
-            .get_or_create(&crate::metrics::ReasonLabel {
-                reason: "quarantined",
-            })
-            .inc_by(lost);
-        inner.budget.add(stored_size(entry.len()));
-        inner.budget.release(chunk.stored_bytes);
-        inner.commit.mark_dirty();
-        Ok(())
     }
 
     /// Marks delivered calls done, and removes the chunks left with nothing pending, in one
@@ -717,23 +441,6 @@ impl Inner {
     }
 }
 
-/// A chunk that could not be read, on its way to quarantine.
-struct Damaged {
-    chunk: ChunkRef,
-    value: Vec<u8>,
-    reason: String,
-}
-
-impl Damaged {
-    fn new(chunk: ChunkRef, value: &[u8], reason: &str) -> Damaged {
-        Damaged {
-            chunk,
-            value: value.to_vec(),
-            reason: reason.to_owned(),
-        }
-    }
-}
-
 /// The writes a settlement makes in the queue tree (`None`: remove the key), and the id
 /// floor it moves.
 fn settle_into(
@@ -751,26 +458,6 @@ fn settle_into(
     }
 }
 
-/// The counters and the done-bits as stored.
-fn read_books(tree: &sled::Tree) -> Result<Books, QueueError> {
-    let counters = match tree.get(LEDGER_KEY)? {
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| QueueError::Damaged(format!("queue counters: {e}")))?,
-        None => Counters::default(),
-    };
-    let mut books = Books {
-        counters,
-        ..Books::default()
-    };
-    for item in tree.scan_prefix([DONE_PREFIX]) {
-        let (key, bits) = item?;
-        books
-            .done
-            .insert(decode_done_key(&key)?, ledger::decode_bits(&bits));
-    }
-    Ok(books)
-}
-
 fn encode_counters(counters: &Counters) -> Result<Vec<u8>, QueueError> {
     serde_json::to_vec(counters).map_err(|e| QueueError::Storage(e.to_string()))
 }
@@ -783,15 +470,6 @@ fn transaction_error(e: sled::transaction::TransactionError<()>) -> QueueError {
             QueueError::Storage("transaction aborted".into())
         }
     }
-}
-
-/// Makes durable the names sled and the watermark created at open (`docs/sled.md`): those in
-/// the database directory (`db`, `blobs`, the watermark; the patched sled syncs `conf` and
-/// its snapshot's rename itself) and the database directory's own name in the data dir.
-/// Once per open: the per-request cost is unchanged.
-fn sync_names(data_dir: &Path, db_dir: &Path) -> std::io::Result<()> {
-    crate::dirsync::sync_dir(db_dir)?;
-    crate::dirsync::sync_dir(data_dir)
 }
 
 fn db_path(data_dir: &Path) -> PathBuf {

@@ -1,0 +1,151 @@
+//! Opening the queue: the database created or recovered, its format checked, the books and
+//! the byte count read back, damage on disk noticed, the names made durable, and the
+//! appender and committer started.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::appender::{Appender, Target};
+use super::budget::{self, Budget};
+use super::commit::GroupCommit;
+use super::keys::{decode_chunk_key, decode_done_key, CHUNK_PREFIX, DONE_PREFIX, LEDGER_KEY};
+use super::ledger::{self, Books, Counters};
+use super::space::FreeSpace;
+use super::watermark::Watermark;
+use super::{
+    db_path, encode_counters, Inner, Queue, QueueError, QueueOptions, DB_FORMAT, DEAD_TREE,
+    FORMAT_KEY, META_TREE, QUEUE_TREE, REJECTED_TREE, WATERMARK_FILE,
+};
+
+impl Queue {
+    /// Opens (or creates) the queue in `options.data_dir`. Must run inside a tokio runtime:
+    /// it starts the committer task.
+    pub fn open(options: QueueOptions) -> Result<Queue, QueueError> {
+        let path = db_path(&options.data_dir);
+        crate::dirsync::create_dir_all(&path, 0o700)
+            .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(options.cache_bytes)
+            // The committer owns flushing: sled's own flusher would race it.
+            .flush_every_ms(None)
+            .open()?;
+        let meta = db.open_tree(META_TREE)?;
+        match meta.get(FORMAT_KEY)?.as_deref() {
+            Some([v]) if *v > DB_FORMAT => return Err(QueueError::NewerFormat(*v)),
+            Some([v]) if *v < DB_FORMAT => return Err(QueueError::OlderFormat(*v)),
+            Some(_) => {}
+            None => {
+                meta.insert(FORMAT_KEY, &[DB_FORMAT])?;
+            }
+        }
+        let tree = db.open_tree(QUEUE_TREE)?;
+        let rejected = db.open_tree(REJECTED_TREE)?;
+        let dead = db.open_tree(DEAD_TREE)?;
+        let mut books = read_books(&tree)?;
+        let mut next_id = match tree.scan_prefix([CHUNK_PREFIX]).next_back() {
+            Some(item) => decode_chunk_key(&item?.0)?.end(),
+            None => 0,
+        }
+        .max(books.counters.next_id_floor);
+        let watermark_path = path.join(WATERMARK_FILE);
+        let (watermark, durable_before) = Watermark::open(&watermark_path).map_err(|e| {
+            QueueError::Storage(format!("cannot open {}: {e}", watermark_path.display()))
+        })?;
+        if let Some(durable) = durable_before.filter(|&durable| durable > next_id) {
+            // sled recovered less than it had made durable: damage on disk cut its log short.
+            let lost = durable - next_id;
+            tracing::error!(
+                lost_calls = lost,
+                recovered_up_to = next_id,
+                durable_up_to = durable,
+                "the queue's database came back shorter than it was made durable: calls were lost to damage on disk"
+            );
+            *books
+                .counters
+                .dead
+                .entry("lost_on_disk".into())
+                .or_default() += lost;
+            books.counters.next_id_floor = durable;
+            tree.insert(LEDGER_KEY, encode_counters(&books.counters)?)?;
+            next_id = durable;
+        }
+        // sled made its files and renamed its snapshot without syncing a directory; no call
+        // is acknowledged before their names are durable.
+        sync_names(&options.data_dir, &path).map_err(|e| {
+            QueueError::Storage(format!(
+                "cannot make the queue's files durable in {}: {e}",
+                path.display()
+            ))
+        })?;
+        let budget = Arc::new(Budget::new(budget::at_open(&meta, &db)?, options.max_bytes));
+        let rejected_count = AtomicU64::new(rejected.len() as u64);
+        db.flush()?;
+        let inserted_end = Arc::new(AtomicU64::new(next_id));
+        let written = inserted_end.clone();
+        let before_flush = move || written.load(Ordering::SeqCst);
+        let (commit, committer) = GroupCommit::start(
+            db.clone(),
+            options.sync_interval,
+            Box::new(before_flush),
+            Box::new(move |durable_end| watermark.record(durable_end)),
+        );
+        let appender = Appender::start(Target {
+            tree: tree.clone(),
+            next_id,
+            inserted_end: inserted_end.clone(),
+            budget: budget.clone(),
+            commit: commit.clone(),
+            durability: options.durability,
+        })?;
+        Ok(Queue {
+            inner: Arc::new(Inner {
+                db,
+                meta,
+                tree,
+                rejected,
+                dead,
+                durability: options.durability,
+                budget,
+                free_space: FreeSpace::new(&options.data_dir, options.min_free_bytes),
+                inserted_end,
+                appender,
+                books: Mutex::new(books),
+                rejected_count,
+                closed: AtomicBool::new(false),
+                commit,
+                committer: Mutex::new(Some(committer)),
+            }),
+        })
+    }
+}
+
+/// The counters and the done-bits as stored.
+fn read_books(tree: &sled::Tree) -> Result<Books, QueueError> {
+    let counters = match tree.get(LEDGER_KEY)? {
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| QueueError::Damaged(format!("queue counters: {e}")))?,
+        None => Counters::default(),
+    };
+    let mut books = Books {
+        counters,
+        ..Books::default()
+    };
+    for item in tree.scan_prefix([DONE_PREFIX]) {
+        let (key, bits) = item?;
+        books
+            .done
+            .insert(decode_done_key(&key)?, ledger::decode_bits(&bits));
+    }
+    Ok(books)
+}
+
+/// Makes durable the names sled and the watermark created at open (`docs/sled.md`): those in
+/// the database directory (`db`, `blobs`, the watermark; the patched sled syncs `conf` and
+/// its snapshot's rename itself) and the database directory's own name in the data dir.
+/// Once per open: the per-request cost is unchanged.
+fn sync_names(data_dir: &Path, db_dir: &Path) -> std::io::Result<()> {
+    crate::dirsync::sync_dir(db_dir)?;
+    crate::dirsync::sync_dir(data_dir)
+}

@@ -1,0 +1,157 @@
+//! Reading the queue for delivery: durable calls in order, and quarantine for a chunk that
+//! cannot be read, so that one damaged chunk never stops the rest.
+
+use std::sync::atomic::Ordering;
+
+use super::budget::stored_size;
+use super::keys::{chunk_key, decode_chunk_key, done_key, LEDGER_KEY};
+use super::ledger::ChunkRef;
+use super::record;
+use super::{encode_counters, transaction_error, Queue, QueueError, QueuedCall, QUARANTINE_TREE};
+
+impl Queue {
+    /// Up to `limit` pending durable calls with ids of `from` or more, in queue order. A call
+    /// is handed out only once a flush covers it, so nothing is delivered that a crash could
+    /// still take back (and that its client would then send again).
+    pub fn read(&self, mut from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
+        let mut out = Vec::new();
+        // One unreadable chunk must not stop delivery of the rest: quarantine it, read on.
+        while let Some(damaged) = self.read_into(from, limit, &mut out)? {
+            from = damaged.chunk.end();
+            self.quarantine(damaged)?;
+        }
+        Ok(out)
+    }
+
+    /// Reads into `out` until `limit`, the end, or a chunk that cannot be read.
+    fn read_into(
+        &self,
+        from: u64,
+        limit: usize,
+        out: &mut Vec<QueuedCall>,
+    ) -> Result<Option<Damaged>, QueueError> {
+        let inner = &self.inner;
+        let end = inner
+            .inserted_end
+            .load(Ordering::SeqCst)
+            .min(inner.commit.durable_end());
+        if from >= end || out.len() >= limit {
+            return Ok(None);
+        }
+        // Start at the chunk that holds `from`, if one does.
+        let holding = inner
+            .tree
+            .range(chunk_key(0, 0)..=chunk_key(from, u32::MAX))
+            .next_back()
+            .transpose()?
+            .map(|(key, _)| decode_chunk_key(&key))
+            .transpose()?
+            .filter(|chunk| chunk.end() > from);
+        let start = holding.map_or(from, |chunk| chunk.first);
+        let books = inner.books.lock().expect("books lock");
+        for item in inner.tree.range(chunk_key(start, 0)..chunk_key(end, 0)) {
+            let (key, value) = item?;
+            let mut chunk = decode_chunk_key(&key)?;
+            chunk.stored_bytes = stored_size(value.len());
+            let records = match record::decode_chunk(&value) {
+                Ok(records) if records.len() == chunk.count as usize => records,
+                Ok(_) => {
+                    return Ok(Some(Damaged::new(
+                        chunk,
+                        &value,
+                        "call count differs from its key",
+                    )))
+                }
+                Err(e) => return Ok(Some(Damaged::new(chunk, &value, &e.to_string()))),
+            };
+            for (index, bytes) in records.into_iter().enumerate() {
+                let id = chunk.first + index as u64;
+                if id < from || books.is_done(chunk.first, index) {
+                    continue;
+                }
+                match record::decode_call(bytes) {
+                    Ok(record) => out.push(QueuedCall { id, record, chunk }),
+                    Err(e) => {
+                        // Drop what this chunk gave: it goes to quarantine whole.
+                        out.retain(|c| c.chunk.first != chunk.first);
+                        return Ok(Some(Damaged::new(chunk, &value, &e.to_string())));
+                    }
+                }
+                if out.len() >= limit {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Moves a chunk that cannot be read out of the queue, atomically, into the `quarantine`
+    /// tree (same key, its bytes and the reason), for an operator to inspect; its pending
+    /// calls count as dead, reason `quarantined`.
+    fn quarantine(&self, damaged: Damaged) -> Result<(), QueueError> {
+        use sled::transaction::ConflictableTransactionError;
+        use sled::Transactional;
+        let inner = &self.inner;
+        let chunk = damaged.chunk;
+        tracing::error!(
+            first_id = chunk.first,
+            calls = chunk.count,
+            reason = %damaged.reason,
+            "unreadable queued chunk moved to quarantine"
+        );
+        let quarantine = inner.db.open_tree(QUARANTINE_TREE)?;
+        let mut books = inner.books.lock().expect("books lock");
+        let key = chunk_key(chunk.first, chunk.count);
+        if inner.tree.get(key)?.as_deref() != Some(damaged.value.as_slice()) {
+            // Another reader moved it meanwhile: count it once.
+            return Ok(());
+        }
+        let lost = u64::from(chunk.count).saturating_sub(books.done_in(chunk.first));
+        let mut counters = books.counters.clone();
+        *counters.dead.entry("quarantined".into()).or_default() += lost;
+        counters.next_id_floor = counters.next_id_floor.max(chunk.end());
+        let ledger = encode_counters(&counters)?;
+        let mut entry = Vec::with_capacity(damaged.reason.len() + 1 + damaged.value.len());
+        entry.extend_from_slice(damaged.reason.as_bytes());
+        entry.push(b'\n');
+        entry.extend_from_slice(&damaged.value);
+        (&inner.tree, &quarantine)
+            .transaction(|(tree, quarantine)| {
+                tree.remove(&key[..])?;
+                tree.remove(&done_key(chunk.first)[..])?;
+                tree.insert(LEDGER_KEY, ledger.as_slice())?;
+                quarantine.insert(&key[..], entry.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
+        books.done.remove(&chunk.first);
+        books.counters = counters;
+        crate::metrics::metrics()
+            .dead_letters
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "quarantined",
+            })
+            .inc_by(lost);
+        inner.budget.add(stored_size(entry.len()));
+        inner.budget.release(chunk.stored_bytes);
+        inner.commit.mark_dirty();
+        Ok(())
+    }
+}
+
+/// A chunk that could not be read, on its way to quarantine.
+struct Damaged {
+    chunk: ChunkRef,
+    value: Vec<u8>,
+    reason: String,
+}
+
+impl Damaged {
+    fn new(chunk: ChunkRef, value: &[u8], reason: &str) -> Damaged {
+        Damaged {
+            chunk,
+            value: value.to_vec(),
+            reason: reason.to_owned(),
+        }
+    }
+}
