@@ -639,10 +639,7 @@ impl Filesystem for PowerFs {
             };
             st.link_new(parent.0, name, kind, &path)
         });
-        match result {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, result);
     }
 
     fn mkdir(
@@ -668,10 +665,7 @@ impl Filesystem for PowerFs {
             }
             st.link_new(parent.0, name, Tree::new_dir(), &path)
         });
-        match result {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -702,10 +696,7 @@ impl Filesystem for PowerFs {
             };
             st.link_new(parent.0, link_name, kind, &path)
         });
-        match result {
-            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, result);
     }
 
     fn rename(
@@ -1017,6 +1008,14 @@ impl Filesystem for PowerFs {
 fn answer(reply: ReplyEmpty, result: Result<(), Errno>) {
     match result {
         Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+/// Answers an operation that made a new entry: its attributes, or the error.
+fn answer_entry<T>(reply: ReplyEntry, result: Result<(T, FileAttr), Errno>) {
+    match result {
+        Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
         Err(e) => reply.error(e),
     }
 }
