@@ -31,11 +31,19 @@ async fn books(data_dir: &Path) -> (Counts, usize) {
 }
 
 /// Delivers what is queued to a stand-in that takes everything, and returns the distinct
-/// messageIds it received.
+/// messageIds it received. The stop drains: the stand-in records a batch before its answer
+/// reaches the daemon, so a stop without a drain could abandon that batch unsettled.
 async fn deliver_all(data_dir: &Path, upstream: &Upstream, expected: &HashSet<String>) {
     let daemon = Daemon::start(
         data_dir,
-        &["--upstream", &upstream.url(), "--flush-interval-ms", "5"],
+        &[
+            "--upstream",
+            &upstream.url(),
+            "--flush-interval-ms",
+            "5",
+            "--drain-timeout-ms",
+            "10000",
+        ],
     );
     upstream.wait_delivered_ids(expected).await;
     assert!(daemon.terminate().success());
