@@ -68,3 +68,13 @@ impl From<sled::Error> for QueueError {
         QueueError::Storage(e.to_string())
     }
 }
+
+/// A two-tree move's error, as the queue reports it.
+pub(super) fn transaction_error(e: sled::transaction::TransactionError<()>) -> QueueError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => QueueError::from(e),
+        sled::transaction::TransactionError::Abort(()) => {
+            QueueError::Storage("transaction aborted".into())
+        }
+    }
+}

@@ -25,7 +25,7 @@
 //! # Parts
 //! | file | what it is |
 //! |---|---|
-//! | `mod.rs` | the `Queue` type, its options and counts, append and settlement, close |
+//! | `mod.rs` | the `Queue` type, its options and counts, append, close |
 //! | `open.rs` | open and recovery: format, books, byte count, damage on disk, names made durable |
 //! | `keys.rs` | the queue tree's key layout and codecs |
 //! | `record.rs` | the stored record formats (calls, chunks, dead letters, rejected calls) |
@@ -33,6 +33,7 @@
 //! | `commit.rs` | group commit: the flushes, and the answers they release |
 //! | `read.rs` | durable calls handed out in order; quarantine of unreadable chunks |
 //! | `ledger.rs` | the counters and done-bits, and what settling changes in them |
+//! | `settle.rs` | settling: done-bits, finished chunks and counters in one atomic write |
 //! | `dead.rs` | the dead-letter and rejected stores |
 //! | `budget.rs` | the byte count against `max_bytes`: the only code that changes it |
 //! | `space.rs` | the free-space floor |
@@ -49,6 +50,7 @@ mod ledger;
 mod open;
 mod read;
 pub mod record;
+mod settle;
 mod space;
 mod watermark;
 
@@ -65,11 +67,12 @@ use appender::Appender;
 use budget::{stored_size, Budget};
 use commit::{AppendError, GroupCommit};
 use dead::rejected_record;
+use error::transaction_error;
 pub use error::QueueError;
-use keys::{chunk_key, done_key, LEDGER_KEY};
-use ledger::{Books, Settlement};
+use ledger::Books;
 pub use ledger::{ChunkRef, Counters};
 pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
+use settle::{encode_counters, settle_into};
 use space::FreeSpace;
 
 /// Why calls are dead-lettered.
@@ -289,34 +292,6 @@ impl Queue {
         }
     }
 
-    /// Marks delivered calls done, and removes the chunks left with nothing pending, in one
-    /// atomic step with the counters.
-    pub fn remove(&self, calls: &[QueuedCall]) -> Result<(), QueueError> {
-        let inner = &self.inner;
-        let mut books = inner.books.lock().expect("books lock");
-        let gone = inner.gone_chunks(&books, calls)?;
-        let settlement = books.settle(calls, |chunk| !gone.contains(&chunk.first));
-        if settlement.newly_done.is_empty() {
-            return Ok(());
-        }
-        let mut counters = books.counters.clone();
-        counters.delivered += settlement.newly_done.len() as u64;
-        let mut batch = sled::Batch::default();
-        settle_into(&settlement, &mut counters, |key, value| match value {
-            Some(value) => batch.insert(key, value),
-            None => batch.remove(key),
-        });
-        batch.insert(LEDGER_KEY, encode_counters(&counters)?);
-        inner.tree.apply_batch(batch)?;
-        books.apply(&settlement, counters);
-        crate::metrics::metrics()
-            .calls_delivered
-            .inc_by(settlement.newly_done.len() as u64);
-        inner.budget.free(settlement.freed_bytes());
-        inner.commit.mark_dirty();
-        Ok(())
-    }
-
     /// Whether new calls would be taken now; `Err` says why not (for `GET /ready`).
     pub fn readiness(&self) -> Result<(), String> {
         let inner = &self.inner;
@@ -413,62 +388,6 @@ impl Queue {
             }
         }
         result.map_err(|e| QueueError::Storage(e.to_string()))
-    }
-}
-
-impl Inner {
-    /// The chunks of `calls` that are no longer in the queue: every call of theirs was
-    /// settled before, so settling them again must change nothing.
-    fn gone_chunks(
-        &self,
-        books: &Books,
-        calls: &[QueuedCall],
-    ) -> Result<std::collections::HashSet<u64>, QueueError> {
-        let mut gone = std::collections::HashSet::new();
-        let mut seen = std::collections::HashSet::new();
-        for chunk in calls.iter().map(|c| c.chunk) {
-            if books.done.contains_key(&chunk.first) || !seen.insert(chunk.first) {
-                continue;
-            }
-            if !self
-                .tree
-                .contains_key(chunk_key(chunk.first, chunk.count))?
-            {
-                gone.insert(chunk.first);
-            }
-        }
-        Ok(gone)
-    }
-}
-
-/// The writes a settlement makes in the queue tree (`None`: remove the key), and the id
-/// floor it moves.
-fn settle_into(
-    settlement: &Settlement,
-    counters: &mut Counters,
-    mut write: impl FnMut(Vec<u8>, Option<Vec<u8>>),
-) {
-    for (first, bits) in &settlement.partly_done {
-        write(done_key(*first).to_vec(), Some(ledger::encode_bits(bits)));
-    }
-    for chunk in &settlement.finished {
-        write(chunk_key(chunk.first, chunk.count).to_vec(), None);
-        write(done_key(chunk.first).to_vec(), None);
-        counters.next_id_floor = counters.next_id_floor.max(chunk.end());
-    }
-}
-
-fn encode_counters(counters: &Counters) -> Result<Vec<u8>, QueueError> {
-    serde_json::to_vec(counters).map_err(|e| QueueError::Storage(e.to_string()))
-}
-
-/// A two-tree move's error, as the queue reports it.
-fn transaction_error(e: sled::transaction::TransactionError<()>) -> QueueError {
-    match e {
-        sled::transaction::TransactionError::Storage(e) => QueueError::from(e),
-        sled::transaction::TransactionError::Abort(()) => {
-            QueueError::Storage("transaction aborted".into())
-        }
     }
 }
 
