@@ -148,10 +148,21 @@ pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
 }
 
 pub(crate) fn remove_blob(id: Lsn, config: &RunningConfig) -> Result<()> {
-    // grouprelay: everything written to the log so far, the message that replaced this
-    // blob's page included, is made durable before the blob is removed; otherwise the
-    // removal could outlive the replacement across a power cut (see vendor/README.md).
-    config.file.sync_all()?;
+    remove_blob_synced_after(id, config, config.sync_mark())
+}
+
+/// grouprelay: removes a blob whose replacement was written before `mark` was taken. The
+/// replacement is made durable first (a counted sync, unless one that started after `mark`
+/// has finished), so that the removal can never outlive it across a power cut; blobs removed
+/// together share one sync (see vendor/README.md).
+pub(crate) fn remove_blob_synced_after(
+    id: Lsn,
+    config: &RunningConfig,
+    mark: u64,
+) -> Result<()> {
+    if !config.synced_since(mark) {
+        config.sync_data()?;
+    }
     let path = config.blob_path(id);
     if let Err(e) = std::fs::remove_file(&path) {
         debug!("removing blob at {:?} failed: {}", path, e);

@@ -266,6 +266,8 @@ impl Segment {
             assert!(lsn >= active.lsn);
 
             // now we can push any deferred blob removals to the removed set
+            // grouprelay: one sync covers every replacement in this segment.
+            let mark = config.sync_mark();
             for ptr in &active.deferred_rm_blob {
                 trace!(
                     "removing blob {} while transitioning \
@@ -273,7 +275,7 @@ impl Segment {
                     ptr,
                     active.lsn,
                 );
-                remove_blob(*ptr, config)?;
+                remove_blob_synced_after(*ptr, config, mark)?;
             }
 
             let inactive = Segment::Inactive(Inactive {
