@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::io::Read;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -113,7 +112,7 @@ enum Route {
 }
 
 impl Ingest {
-    pub fn new(queue: Queue, config: &Config, upstream: Arc<Mutex<UpstreamHealth>>) -> Ingest {
+    pub fn new(queue: Queue, config: &Config, upstream: tokio::sync::watch::Receiver<UpstreamHealth>) -> Ingest {
         Ingest {
             admin: Admin::new(queue.clone(), upstream),
             queue,

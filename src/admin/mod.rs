@@ -16,7 +16,6 @@
 pub mod client;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -82,14 +81,14 @@ pub struct UpstreamStatus {
 
 pub struct Admin {
     queue: Queue,
-    health: Arc<Mutex<UpstreamHealth>>,
+    health: tokio::sync::watch::Receiver<UpstreamHealth>,
 }
 
 /// An admin request that cannot be answered as asked.
 struct AdminError(StatusCode, &'static str, String);
 
 impl Admin {
-    pub fn new(queue: Queue, health: Arc<Mutex<UpstreamHealth>>) -> Admin {
+    pub fn new(queue: Queue, health: tokio::sync::watch::Receiver<UpstreamHealth>) -> Admin {
         Admin { queue, health }
     }
 
@@ -164,7 +163,7 @@ impl Admin {
             .ok()
             .flatten()
             .map(|received| now.saturating_sub(received) as f64 / 1000.0);
-        let health = self.health.lock().expect("health lock").clone();
+        let health = self.health.borrow().clone();
         let backing_off = health.backing_off_until_ms.filter(|&until| until > now);
         Status {
             up: true,

@@ -117,13 +117,14 @@ pub struct Forwarder {
     /// Which lane and first queue id each send task carries, to recover if one fails.
     sending: HashMap<tokio::task::Id, (String, u64)>,
     lane_capacity: usize,
-    health: std::sync::Arc<std::sync::Mutex<UpstreamHealth>>,
+    /// Published to `/stats` and `grouprelay status`; only the forwarder writes it.
+    health: tokio::sync::watch::Sender<UpstreamHealth>,
 }
 
 impl Forwarder {
     /// What the forwarder last saw of upstream, kept up to date while it runs.
-    pub fn health(&self) -> std::sync::Arc<std::sync::Mutex<UpstreamHealth>> {
-        self.health.clone()
+    pub fn health(&self) -> tokio::sync::watch::Receiver<UpstreamHealth> {
+        self.health.subscribe()
     }
 
     pub fn new(queue: Queue, upstream: Upstream, settings: ForwardSettings) -> Forwarder {
@@ -138,7 +139,7 @@ impl Forwarder {
             in_flight: JoinSet::new(),
             sending: HashMap::new(),
             only_skipping: false,
-            health: Default::default(),
+            health: tokio::sync::watch::Sender::new(UpstreamHealth::default()),
         }
     }
 
@@ -446,9 +447,8 @@ impl Forwarder {
         match outcome {
             Outcome::Delivered => {
                 crate::failpoint::hit("forward-after-delivered");
-                {
-                    let now = clock::unix_ms(SystemTime::now());
-                    let mut health = self.health.lock().expect("health lock");
+                let now = clock::unix_ms(SystemTime::now());
+                self.health.send_modify(|health| {
                     health.last_delivery_at_ms = Some(now);
                     if health
                         .backing_off_until_ms
@@ -456,7 +456,7 @@ impl Forwarder {
                     {
                         health.backing_off_until_ms = None;
                     }
-                }
+                });
                 if let Err(e) = self.queue.remove(&calls) {
                     // They were delivered; at worst they are sent again after a restart.
                     tracing::error!(error = %e, "cannot remove delivered calls from the queue");
@@ -497,15 +497,16 @@ impl Forwarder {
                 lane.put_back(calls);
                 let now = clock::unix_ms(SystemTime::now());
                 let until = now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                let mut health = self.health.lock().expect("health lock");
-                health.last_error = Some(cause);
-                health.last_error_at_ms = Some(now);
-                health.backing_off_until_ms = Some(
-                    health
-                        .backing_off_until_ms
-                        .filter(|&t| t > now)
-                        .map_or(until, |t| t.max(until)),
-                );
+                self.health.send_modify(|health| {
+                    health.last_error = Some(cause);
+                    health.last_error_at_ms = Some(now);
+                    health.backing_off_until_ms = Some(
+                        health
+                            .backing_off_until_ms
+                            .filter(|&t| t > now)
+                            .map_or(until, |t| t.max(until)),
+                    );
+                });
             }
             Outcome::Refused { status, .. } if calls.len() > 1 => {
                 let half = calls.len().div_ceil(2);
