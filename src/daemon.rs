@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use crate::config::{self, Config, ConfigError};
 use crate::forward::upstream::Upstream;
-use crate::forward::{ForwardSettings, Forwarder};
+use crate::forward::Forwarder;
 use crate::ingest::Ingest;
 use crate::notify::Notifier;
-use crate::queue::{Queue, QueueOptions};
-use crate::server::{self, Listener, ServerSettings};
+use crate::queue::Queue;
+use crate::server::{self, Listener};
 use crate::shutdown::{self, Shutdown};
 
 /// Why the daemon could not run.
@@ -34,49 +34,30 @@ impl std::fmt::Display for DaemonError {
 /// listeners stop and answer what is in flight, then the forwarder drains for up to
 /// `drain_timeout`, then the queue is made durable and closed.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> {
-    config::create_data_dir(&config.data_dir).map_err(DaemonError::Config)?;
-    let options = QueueOptions {
-        durability: config.durability,
-        max_bytes: config.max_queue_bytes,
-        min_free_bytes: config.min_free_disk_bytes,
-        sync_interval: config.sync_interval,
-        ..QueueOptions::new(&config.data_dir)
-    };
-    let queue = Queue::open(options).map_err(|e| {
+    let data_dir = config.queue.data_dir.clone();
+    let durability = config.queue.durability;
+    config::create_data_dir(&data_dir).map_err(DaemonError::Config)?;
+    let queue = Queue::open(config.queue).map_err(|e| {
         DaemonError::Runtime(format!(
             "cannot open the queue in {}: {e}",
-            config.data_dir.display()
+            data_dir.display()
         ))
     })?;
     tracing::info!(
-        data_dir = %config.data_dir.display(),
+        data_dir = %data_dir.display(),
         stored_bytes = queue.stored_bytes(),
-        durability = ?config.durability,
+        durability = ?durability,
         "queue open"
     );
 
-    let upstream = Upstream::new(
-        &config.upstream,
-        config.upstream_gzip,
-        config.upstream_timeout,
-    )
-    .map_err(|e| DaemonError::Runtime(format!("upstream {}: {e}", config.upstream)))?;
-    let forwarder = Forwarder::new(
-        queue.clone(),
-        upstream,
-        ForwardSettings {
-            max_batch_events: config.max_batch_events,
-            flush_interval: config.flush_interval,
-            concurrency: config.upstream_concurrency,
-            retry_max_interval: config.retry_max_interval,
-            max_age: config.max_age,
-            drain_timeout: config.drain_timeout,
-        },
-    );
+    let upstream = Upstream::new(&config.upstream)
+        .map_err(|e| DaemonError::Runtime(format!("upstream {}: {e}", config.upstream.url)))?;
+    let drain_timeout = config.forward.drain_timeout;
+    let forwarder = Forwarder::new(queue.clone(), upstream, config.forward);
     let upstream_health = forwarder.health();
     let (stop_forwarding, forwarding_shutdown) = shutdown::channel();
     let forwarding = tokio::spawn(forwarder.run(forwarding_shutdown));
-    tracing::info!(upstream = %config.upstream, "forwarding");
+    tracing::info!(upstream = %config.upstream.url, "forwarding");
 
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {
@@ -95,14 +76,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
         notifier.clone(),
         queue.clone(),
         shutdown.clone(),
-        config.drain_timeout,
+        drain_timeout,
     ));
-    let ingest = Arc::new(Ingest::new(queue.clone(), &config, upstream_health));
-    let settings = ServerSettings {
-        header_read_timeout: config.header_read_timeout,
-        max_connections: config.max_connections,
-    };
-    server::run(listeners, ingest, settings, shutdown).await;
+    let ingest = Arc::new(Ingest::new(queue.clone(), config.ingest, upstream_health));
+    server::run(listeners, ingest, config.server, shutdown).await;
     tracing::info!("listeners stopped");
     stop_forwarding.fire();
     if let Err(e) = forwarding.await {

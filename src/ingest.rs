@@ -24,7 +24,6 @@ use serde::Serialize;
 
 use crate::admin::Admin;
 use crate::clock;
-use crate::config::Config;
 use crate::forward::UpstreamHealth;
 use crate::metrics::{metrics, CodeLabel, RequestLabels};
 use crate::queue::{Queue, QueueError};
@@ -39,14 +38,35 @@ const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// Longest writeKey accepted; real keys are about 32 characters.
 const MAX_WRITE_KEY_BYTES: usize = 1024;
 
+/// Largest request body after gzip decoding: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Which writeKeys are taken, and how large a body.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// For requests that carry none (never logged).
+    pub write_key: Option<String>,
+    /// `None`: any writeKey.
+    pub allowed_write_keys: Option<HashSet<String>>,
+    /// After gzip decoding.
+    pub max_body_bytes: usize,
+}
+
+impl Default for IngestSettings {
+    fn default() -> IngestSettings {
+        IngestSettings {
+            write_key: None,
+            allowed_write_keys: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
 /// The request handler, shared by every connection.
 pub struct Ingest {
     queue: Queue,
     admin: Admin,
-    default_write_key: Option<String>,
-    /// `None`: any writeKey.
-    allowed_write_keys: Option<HashSet<String>>,
-    max_body_bytes: usize,
+    settings: IngestSettings,
 }
 
 /// A refused request: its status and the JSON error body.
@@ -112,13 +132,15 @@ enum Route {
 }
 
 impl Ingest {
-    pub fn new(queue: Queue, config: &Config, upstream: tokio::sync::watch::Receiver<UpstreamHealth>) -> Ingest {
+    pub fn new(
+        queue: Queue,
+        settings: IngestSettings,
+        upstream: tokio::sync::watch::Receiver<UpstreamHealth>,
+    ) -> Ingest {
         Ingest {
             admin: Admin::new(queue.clone(), upstream),
             queue,
-            default_write_key: config.write_key.clone(),
-            allowed_write_keys: config.allowed_write_keys.clone(),
-            max_body_bytes: config.max_body_bytes,
+            settings,
         }
     }
 
@@ -262,7 +284,7 @@ impl Ingest {
         .map_err(|v| Refusal::new(StatusCode::BAD_REQUEST, v.code, v.message))?;
         let write_key = header_key
             .or(body.write_key)
-            .or_else(|| self.default_write_key.clone())
+            .or_else(|| self.settings.write_key.clone())
             .ok_or_else(|| {
                 Refusal::new(
                     StatusCode::UNAUTHORIZED,
@@ -271,6 +293,7 @@ impl Ingest {
                 )
             })?;
         if self
+            .settings
             .allowed_write_keys
             .as_ref()
             .is_some_and(|allowed| !allowed.contains(&write_key))
@@ -356,7 +379,7 @@ impl Ingest {
 
     /// Reads the whole body within the limit, decoding `Content-Encoding: gzip`.
     async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, Refusal> {
-        let limit = self.max_body_bytes;
+        let limit = self.settings.max_body_bytes;
         let too_large = || {
             Refusal::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -3,10 +3,10 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use grouprelay::admin::client::{self, Target};
 use grouprelay::admin::Selection;
-use grouprelay::config::{Config, LogFormat, Settings};
+use grouprelay::config::{settings, Config, LogFormat, Settings};
 use grouprelay::daemon::{self, DaemonError};
 use grouprelay::shutdown;
 use hyper::Method;
@@ -90,7 +90,13 @@ enum DeadCommand {
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let command = Cli::command()
+        .mut_subcommand("run", settings::with_defaults_in_help)
+        .mut_subcommand("validate", settings::with_defaults_in_help);
+    let cli = match command
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {

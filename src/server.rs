@@ -90,6 +90,20 @@ pub struct ServerSettings {
     pub max_connections: usize,
 }
 
+/// A client must send a request's headers within this time.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+impl Default for ServerSettings {
+    fn default() -> ServerSettings {
+        ServerSettings {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
 /// What every accept loop shares.
 struct Shared {
     ingest: Arc<Ingest>,

@@ -38,6 +38,32 @@ pub enum Outcome {
 /// Most of upstream's answer kept with a dead letter.
 const RESPONSE_SNIPPET_BYTES: usize = 1024;
 
+/// Where and how batches are sent.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// The Segment API's base URL, without a trailing `/`.
+    pub url: String,
+    /// Whether request bodies are gzipped.
+    pub gzip: bool,
+    /// How long one request may take.
+    pub timeout: Duration,
+}
+
+/// Segment's API.
+pub const DEFAULT_URL: &str = "https://api.segment.io";
+/// How long one upstream request may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for UpstreamSettings {
+    fn default() -> UpstreamSettings {
+        UpstreamSettings {
+            url: DEFAULT_URL.to_owned(),
+            gzip: true,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
 /// Sends batches to one upstream base URL.
 #[derive(Clone)]
 pub struct Upstream {
@@ -49,9 +75,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A client for `base` (`https://api.segment.io`), with the system's root certificates.
-    pub fn new(base: &str, gzip: bool, timeout: Duration) -> Result<Upstream, String> {
-        let batch_url: hyper::Uri = format!("{}/v1/batch", base.trim_end_matches('/'))
+    /// A client for `settings.url` (`https://api.segment.io`), with the system's root
+    /// certificates.
+    pub fn new(settings: &UpstreamSettings) -> Result<Upstream, String> {
+        let batch_url: hyper::Uri = format!("{}/v1/batch", settings.url.trim_end_matches('/'))
             .parse()
             .map_err(|e| format!("upstream URL: {e}"))?;
         let https = batch_url.scheme_str() == Some("https");
@@ -73,8 +100,8 @@ impl Upstream {
         Ok(Upstream {
             client,
             batch_url,
-            gzip,
-            timeout,
+            gzip: settings.gzip,
+            timeout: settings.timeout,
             user_agent: HeaderValue::from_static(concat!("grouprelay/", env!("CARGO_PKG_VERSION"))),
         })
     }

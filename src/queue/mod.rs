@@ -25,7 +25,8 @@
 //! # Parts
 //! | file | what it is |
 //! |---|---|
-//! | `mod.rs` | the `Queue` type, its options and counts, append, close |
+//! | `mod.rs` | the `Queue` type and its counts, append, close |
+//! | `options.rs` | how the queue is opened: durability mode, limits, their defaults |
 //! | `open.rs` | open and recovery: format, books, byte count, damage on disk, names made durable |
 //! | `keys.rs` | the queue tree's key layout and codecs |
 //! | `record.rs` | the stored record formats (calls, chunks, dead letters, rejected calls) |
@@ -48,6 +49,7 @@ mod error;
 pub mod keys;
 mod ledger;
 mod open;
+mod options;
 mod read;
 pub mod record;
 mod settle;
@@ -71,6 +73,7 @@ use error::transaction_error;
 pub use error::QueueError;
 use ledger::Books;
 pub use ledger::{ChunkRef, Counters};
+pub use options::{Durability, QueueOptions};
 pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
 use settle::{encode_counters, settle_into};
 use space::FreeSpace;
@@ -106,47 +109,6 @@ const DB_FORMAT: u8 = 2;
 /// Written by a clean `close`: the exact stored-bytes count. Removed at open, so that its
 /// absence tells a crash (and a recount) apart.
 const CLEAN_CLOSE_KEY: &str = "clean_close_stored_bytes";
-
-/// When an append counts as done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// After a flush and an fdatasync that cover the call (group commit).
-    Fsync,
-    /// After the insert; a periodic flush makes it durable.
-    Interval,
-}
-
-/// How to open the queue.
-#[derive(Debug, Clone)]
-pub struct QueueOptions {
-    /// The data dir; the database lives in its `queue/` subdirectory.
-    pub data_dir: PathBuf,
-    pub durability: Durability,
-    /// Most bytes of stored records (queued, rejected and dead-lettered calls) before appends
-    /// are refused.
-    pub max_bytes: u64,
-    /// sled's page cache. Its 1 GiB default would let a large backlog cost a large RSS.
-    pub cache_bytes: u64,
-    /// Free bytes the data dir's filesystem must keep; appends below it are refused
-    /// (0: no floor).
-    pub min_free_bytes: u64,
-    /// How often `interval` mode flushes (and how soon removals of delivered calls are
-    /// made durable in either mode).
-    pub sync_interval: Duration,
-}
-
-impl QueueOptions {
-    pub fn new(data_dir: impl Into<PathBuf>) -> QueueOptions {
-        QueueOptions {
-            data_dir: data_dir.into(),
-            durability: Durability::Fsync,
-            max_bytes: 1 << 30,
-            cache_bytes: 16 << 20,
-            min_free_bytes: 0,
-            sync_interval: Duration::from_millis(200),
-        }
-    }
-}
 
 /// A call handed out by [`Queue::read`].
 #[derive(Debug, Clone)]
