@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::config::{self, Config, ConfigError};
 use crate::forward::upstream::Upstream;
 use crate::forward::Forwarder;
-use crate::ingest::Ingest;
+use crate::http::Api;
 use crate::notify::Notifier;
 use crate::queue::Queue;
 use crate::server::{self, Listener};
@@ -78,8 +78,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
         shutdown.clone(),
         drain_timeout,
     ));
-    let ingest = Arc::new(Ingest::new(queue.clone(), config.ingest, upstream_health));
-    server::run(listeners, ingest, config.server, shutdown).await;
+    let api = Arc::new(Api::new(queue.clone(), config.ingest, upstream_health));
+    server::run(listeners, api, config.server, shutdown).await;
     tracing::info!("listeners stopped");
     stop_forwarding.fire();
     if let Err(e) = forwarding.await {

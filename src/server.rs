@@ -1,4 +1,4 @@
-//! The server: binds the listeners and serves [`Ingest`] on each until shutdown.
+//! The server: binds the listeners and serves the [`Api`] on each until shutdown.
 //!
 //! Each listener runs one accept loop; each connection is an HTTP/1.1 connection with a
 //! header read timeout, watched by a graceful-shutdown guard so that on shutdown the loop
@@ -18,9 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::admin::LocalPeer;
 use crate::config::ListenAddr;
-use crate::ingest::Ingest;
+use crate::http::{Api, LocalPeer};
 use crate::shutdown::Shutdown;
 
 /// The connection's read buffer.
@@ -106,7 +105,7 @@ impl Default for ServerSettings {
 
 /// What every accept loop shares.
 struct Shared {
-    ingest: Arc<Ingest>,
+    api: Arc<Api>,
     settings: ServerSettings,
     connections: Arc<Semaphore>,
 }
@@ -114,12 +113,12 @@ struct Shared {
 /// Serves every listener until `shutdown` fires, then waits for in-flight requests.
 pub async fn run(
     listeners: Vec<Listener>,
-    ingest: Arc<Ingest>,
+    api: Arc<Api>,
     settings: ServerSettings,
     shutdown: Shutdown,
 ) {
     let shared = Arc::new(Shared {
-        ingest,
+        api,
         settings,
         connections: Arc::new(Semaphore::new(settings.max_connections)),
     });
@@ -192,17 +191,17 @@ fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ingest = shared.ingest.clone();
+    let api = shared.api.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        let ingest = ingest.clone();
+        let api = api.clone();
         req.extensions_mut().insert(LocalPeer(local));
-        async move { ingest.handle(req).await }
+        async move { api.handle(req).await }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.settings.header_read_timeout)
         // Headers still arriving when the buffer is full get hyper's 431 (bodies stream
-        // through it in pieces); headers read whole are held to a limit in `ingest`.
+        // through it in pieces); headers read whole are held to a limit in `http`.
         .max_buf_size(MAX_READ_BUFFER)
         .serve_connection(TokioIo::new(stream), service);
     let connection = graceful.watch(connection);

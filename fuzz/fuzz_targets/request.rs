@@ -4,7 +4,7 @@
 //! within the call size limit.
 #![no_main]
 
-use grouprelay::ingest::{inflate_gzip, Inflate};
+use grouprelay::http::body::{inflate_gzip, Inflate};
 use grouprelay::spec::{self, CallType, Endpoint, Receipt};
 use libfuzzer_sys::fuzz_target;
 

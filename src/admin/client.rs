@@ -39,27 +39,24 @@ impl Target {
     }
 }
 
-/// Sends one request and returns the status and the JSON answer.
+/// Sends one request (a JSON body, if any) and returns the status and the answer's bytes.
 pub async fn request(
     target: &Target,
     method: Method,
     path: &str,
-    body: Option<serde_json::Value>,
-) -> Result<(u16, serde_json::Value), String> {
+    body: Option<Bytes>,
+) -> Result<(u16, Bytes), String> {
     let exchange = async {
         let host = match target {
             Target::Tcp(authority) => authority.clone(),
             Target::Unix(_) => "localhost".to_owned(),
         };
-        let body = body
-            .map(|b| serde_json::to_vec(&b).expect("JSON serializes"))
-            .unwrap_or_default();
         let request = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, host)
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| e.to_string())?;
         let response = match target {
             Target::Tcp(authority) => {
@@ -82,10 +79,7 @@ pub async fn request(
         .map_err(|_| format!("no answer within {} s", TIMEOUT.as_secs()))?
 }
 
-async fn send<S>(
-    stream: S,
-    request: Request<Full<Bytes>>,
-) -> Result<(u16, serde_json::Value), String>
+async fn send<S>(stream: S, request: Request<Full<Bytes>>) -> Result<(u16, Bytes), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -104,11 +98,5 @@ where
         .await
         .map_err(|e| format!("reading the answer failed: {e}"))?
         .to_bytes();
-    let value = serde_json::from_slice(&bytes).map_err(|e| {
-        format!(
-            "the answer ({status}) is not JSON ({e}): {}",
-            String::from_utf8_lossy(&bytes)
-        )
-    })?;
-    Ok((status, value))
+    Ok((status, bytes))
 }

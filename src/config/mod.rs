@@ -6,7 +6,7 @@
 //! that uses it, and [`Config::default`] gathers them: the queue's in [`crate::queue`], the
 //! forwarder's in [`crate::forward`], the upstream client's in
 //! [`crate::forward::upstream`], the connections' in [`crate::server`], the call path's in
-//! [`crate::ingest`]. A test (`tests/settings.rs`) checks that `--help`, the packaged TOML
+//! [`crate::http::ingest`]. A test (`tests/settings.rs`) checks that `--help`, the packaged TOML
 //! and the README's settings table show those defaults.
 //!
 //! Resolving is one overlay: the flags and environment (as clap parsed them) over the file
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::forward::upstream::UpstreamSettings;
 use crate::forward::ForwardSettings;
-use crate::ingest::IngestSettings;
+use crate::http::ingest::IngestSettings;
 use crate::queue::QueueOptions;
 use crate::server::ServerSettings;
 pub use listen::{ListenAddr, DEFAULT_LISTEN};
