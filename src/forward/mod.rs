@@ -19,19 +19,20 @@
 //! A crash between "upstream said yes" and "removed" resends that batch (same messageIds,
 //! which upstream dedupes); it never loses it.
 
+mod lane;
 pub mod upstream;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::time::{Duration, Instant, SystemTime};
 
 use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
 use tokio::task::JoinSet;
 
 use crate::clock;
 use crate::queue::{DeadReason, Queue, QueuedCall};
 use crate::shutdown::Shutdown;
+use lane::Lane;
 use upstream::{Outcome, Upstream, BATCH_ENVELOPE_BYTES};
 
 /// Upstream refuses request bodies of 500 KB and more.
@@ -60,27 +61,6 @@ pub struct ForwardSettings {
     pub retry_max_interval: Duration,
     pub max_age: Duration,
     pub drain_timeout: Duration,
-}
-
-/// The calls of one writeKey on their way upstream.
-struct Lane {
-    /// Read from the queue, not yet delivered, in queue order (excluding the batch in flight).
-    buffered: VecDeque<QueuedCall>,
-    /// Calls in the batch in flight (at most one batch per lane, for order).
-    in_flight: usize,
-    /// When the oldest buffered call was read (monotonic, so a clock step cannot hold a
-    /// partial batch back).
-    pending_since: Option<Instant>,
-    /// The first of this key's calls that the read cursor passed without buffering, because
-    /// the lane was full; read again from here once there is room.
-    skipped_from: Option<u64>,
-    /// While backing off: not before this.
-    retry_at: Option<Instant>,
-    backoff: ExponentialBackoff,
-    /// Attempts made for the batch at the head.
-    attempts: u32,
-    /// Bisecting a refused batch: send at most `.0` calls until the head passes id `.1`.
-    probe: Option<(usize, u64)>,
 }
 
 /// What the forwarder last saw of upstream, for `grouprelay status`.
@@ -205,7 +185,7 @@ impl Forwarder {
                 .lanes
                 .values()
                 .filter(|l| l.retry_at.is_none() && l.skipped_from.is_none())
-                .map(|l| l.buffered.len() + l.in_flight)
+                .map(Lane::occupancy)
                 .sum();
             if sendable >= self.lane_capacity {
                 return None;
@@ -239,7 +219,7 @@ impl Forwarder {
                     .lanes
                     .entry(call.record.write_key.clone())
                     .or_insert_with(|| Lane::new(&self.settings));
-                if lane.skipped_from.is_none() && lane.buffered.len() + lane.in_flight < capacity {
+                if lane.skipped_from.is_none() && lane.occupancy() < capacity {
                     lane.push(call);
                     buffered_here = true;
                 } else if lane.skipped_from.is_none() {
@@ -264,7 +244,7 @@ impl Forwarder {
         let cursor = self.cursor;
         for (key, lane) in self.lanes.iter_mut() {
             while let Some(from) = lane.skipped_from {
-                if lane.buffered.len() + lane.in_flight >= self.lane_capacity / 2 {
+                if lane.occupancy() >= self.lane_capacity / 2 {
                     break;
                 }
                 let calls = match self.queue.read(from, READ_CHUNK) {
@@ -281,7 +261,7 @@ impl Forwarder {
                     if call.record.write_key != *key {
                         continue;
                     }
-                    if lane.buffered.len() + lane.in_flight >= self.lane_capacity {
+                    if lane.occupancy() >= self.lane_capacity {
                         lane.skipped_from = Some(call.id);
                         break;
                     }
@@ -577,47 +557,6 @@ impl Forwarder {
                 .values()
                 .all(|l| l.buffered.is_empty() && l.skipped_from.is_none())
             && self.queue.read(self.cursor, 1).is_ok_and(|c| c.is_empty())
-    }
-}
-
-impl Lane {
-    fn push(&mut self, call: QueuedCall) {
-        if self.buffered.is_empty() {
-            self.pending_since = Some(Instant::now());
-        }
-        self.buffered.push_back(call);
-    }
-
-    /// Puts an unsent batch back at the head, in order.
-    fn put_back(&mut self, calls: Vec<QueuedCall>) {
-        if !calls.is_empty() && self.pending_since.is_none() {
-            self.pending_since = Some(Instant::now());
-        }
-        for call in calls.into_iter().rev() {
-            self.buffered.push_front(call);
-        }
-    }
-
-    fn new(settings: &ForwardSettings) -> Lane {
-        Lane {
-            buffered: VecDeque::new(),
-            in_flight: 0,
-            pending_since: None,
-            skipped_from: None,
-            retry_at: None,
-            backoff: ExponentialBackoff {
-                initial_interval: Duration::from_millis(500),
-                current_interval: Duration::from_millis(500),
-                multiplier: 1.5,
-                randomization_factor: 0.5,
-                max_interval: settings.retry_max_interval,
-                // A durable queue never gives up by elapsed time; `max_age` decides.
-                max_elapsed_time: None,
-                ..ExponentialBackoff::default()
-            },
-            attempts: 0,
-            probe: None,
-        }
     }
 }
 
