@@ -1,8 +1,10 @@
-//! A lane: one writeKey's calls between the queue and upstream.
+//! A lane: one writeKey's calls between the queue and upstream, and the bisection that
+//! finds the calls upstream refuses in a refused batch.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 
 use super::ForwardSettings;
@@ -25,8 +27,48 @@ pub(super) struct Lane {
     pub(super) backoff: ExponentialBackoff,
     /// Attempts made for the batch at the head.
     pub(super) attempts: u32,
-    /// Bisecting a refused batch: send at most `.0` calls until the head passes id `.1`.
-    pub(super) probe: Option<(usize, u64)>,
+    /// While bisecting a refused batch: how far, and in batches of at most how many calls.
+    probe: Option<Probe>,
+}
+
+/// Bisecting a refused batch: the lane sends smaller batches until each call upstream
+/// refuses is sent alone (and dead-lettered), delivering the others on the way.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    /// The most calls a batch may hold while bisecting.
+    size: usize,
+    /// The last queue id of the refused batches: once a batch that reaches it is settled,
+    /// every refused call has been sorted out and the lane sends full batches again.
+    until_id: u64,
+}
+
+impl Probe {
+    /// After a refused batch of `len` calls ending at `last_id`: half as many calls, until
+    /// past the furthest call refused so far (a probe under way may reach further).
+    fn split(current: Option<Probe>, len: usize, last_id: u64) -> Probe {
+        Probe {
+            size: len.div_ceil(2),
+            until_id: current.map_or(last_id, |probe| probe.until_id.max(last_id)),
+        }
+    }
+
+    /// Whether a settled batch ending at `last_id` took the head past the refused calls.
+    fn is_done(self, last_id: u64) -> bool {
+        last_id >= self.until_id
+    }
+
+    /// After a delivered batch ending at `last_id`: over once past the refused calls, else
+    /// twice as wide, so that the rest of them does not go one by one.
+    fn after_delivery(self, last_id: u64) -> Option<Probe> {
+        if self.is_done(last_id) {
+            None
+        } else {
+            Some(Probe {
+                size: self.size * 2,
+                ..self
+            })
+        }
+    }
 }
 
 impl Lane {
@@ -74,4 +116,40 @@ impl Lane {
             self.buffered.push_front(call);
         }
     }
+
+    /// The most calls the next batch may hold: `max_events`, or fewer while bisecting.
+    pub(super) fn batch_limit(&self, max_events: usize) -> usize {
+        match self.probe {
+            Some(probe) => probe.size.min(max_events),
+            None => max_events,
+        }
+    }
+
+    /// After a delivered batch ending at `last_id`: the next batch starts afresh.
+    pub(super) fn delivered(&mut self, last_id: u64) {
+        self.attempts = 0;
+        self.backoff.reset();
+        self.probe = self.probe.and_then(|probe| probe.after_delivery(last_id));
+    }
+
+    /// Upstream refused a batch of several calls: send them again in halves.
+    pub(super) fn bisect(&mut self, calls: Vec<QueuedCall>) {
+        self.probe = Some(Probe::split(self.probe, calls.len(), last_id(&calls)));
+        self.attempts += 1;
+        self.put_back(calls);
+    }
+
+    /// After a refused call (queue id `last_id`) went to the dead-letter store: the next
+    /// batch starts afresh, and bisecting ends once past the refused calls.
+    pub(super) fn dead_lettered(&mut self, last_id: u64) {
+        self.attempts = 0;
+        if self.probe.is_some_and(|probe| probe.is_done(last_id)) {
+            self.probe = None;
+        }
+    }
+}
+
+/// The queue id of a batch's last call (0 for none).
+pub(super) fn last_id(calls: &[QueuedCall]) -> u64 {
+    calls.last().map(|c| c.id).unwrap_or(0)
 }

@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use crate::clock;
 use crate::queue::{DeadReason, Queue, QueuedCall};
 use crate::shutdown::Shutdown;
-use lane::Lane;
+use lane::{last_id, Lane};
 use upstream::{Outcome, Upstream, BATCH_ENVELOPE_BYTES};
 
 /// Upstream refuses request bodies of 500 KB and more.
@@ -307,10 +307,7 @@ impl Forwarder {
             let Some(lane) = self.lanes.get_mut(&key) else {
                 continue;
             };
-            let limit = match lane.probe {
-                Some((size, _)) => size.min(self.settings.max_batch_events),
-                None => self.settings.max_batch_events,
-            };
+            let limit = lane.batch_limit(self.settings.max_batch_events);
             let mut count = 0;
             let mut bytes = BATCH_ENVELOPE_BYTES;
             for call in &lane.buffered {
@@ -423,7 +420,6 @@ impl Forwarder {
             .entry(write_key)
             .or_insert_with(|| Lane::new(settings));
         lane.in_flight = 0;
-        let last_id = calls.last().map(|c| c.id).unwrap_or(0);
         match outcome {
             Outcome::Delivered => {
                 crate::failpoint::hit("forward-after-delivered");
@@ -446,14 +442,7 @@ impl Forwarder {
                     attempts = lane.attempts + 1,
                     "batch delivered"
                 );
-                lane.attempts = 0;
-                lane.backoff.reset();
-                lane.probe = match lane.probe {
-                    Some((_, until)) if last_id >= until => None,
-                    // Past a refused half: widen again, so the rest does not go one by one.
-                    Some((size, until)) => Some((size * 2, until)),
-                    None => None,
-                };
+                lane.delivered(last_id(&calls));
             }
             Outcome::Retry { cause, after } => {
                 crate::metrics::metrics().retries.inc();
@@ -489,16 +478,12 @@ impl Forwarder {
                 });
             }
             Outcome::Refused { status, .. } if calls.len() > 1 => {
-                let half = calls.len().div_ceil(2);
-                let until = lane.probe.map_or(last_id, |(_, until)| until.max(last_id));
                 tracing::warn!(
                     status,
                     calls = calls.len(),
                     "upstream refused a batch; splitting it to find the calls it refuses"
                 );
-                lane.probe = Some((half, until));
-                lane.attempts += 1;
-                lane.put_back(calls);
+                lane.bisect(calls);
             }
             Outcome::Refused { status, response } => {
                 let reason = DeadReason {
@@ -519,10 +504,7 @@ impl Forwarder {
                         return;
                     }
                 }
-                lane.attempts = 0;
-                if lane.probe.is_some_and(|(_, until)| last_id >= until) {
-                    lane.probe = None;
-                }
+                lane.dead_lettered(last_id(&calls));
             }
         }
     }
