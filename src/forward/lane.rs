@@ -10,6 +10,9 @@ use backoff::ExponentialBackoff;
 use super::ForwardSettings;
 use crate::queue::QueuedCall;
 
+/// The shortest wait before a retry, whatever upstream asked.
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(500);
+
 /// The calls of one writeKey on their way upstream.
 pub(super) struct Lane {
     /// Read from the queue, not yet delivered, in queue order (excluding the batch in flight).
@@ -24,7 +27,7 @@ pub(super) struct Lane {
     pub(super) skipped_from: Option<u64>,
     /// While backing off: not before this.
     pub(super) retry_at: Option<Instant>,
-    pub(super) backoff: ExponentialBackoff,
+    backoff: ExponentialBackoff,
     /// Attempts made for the batch at the head.
     pub(super) attempts: u32,
     /// While bisecting a refused batch: how far, and in batches of at most how many calls.
@@ -117,6 +120,21 @@ impl Lane {
         }
     }
 
+    /// Puts an unsettled batch back at the head, to be tried again after `delay`.
+    pub(super) fn retry_later(&mut self, calls: Vec<QueuedCall>, delay: Duration) {
+        self.retry_at = Some(Instant::now() + delay);
+        self.put_back(calls);
+    }
+
+    /// Takes the first `count` buffered calls off the lane without sending them.
+    pub(super) fn take_head(&mut self, count: usize) -> Vec<QueuedCall> {
+        let calls: Vec<QueuedCall> = self.buffered.drain(..count).collect();
+        if self.buffered.is_empty() {
+            self.pending_since = None;
+        }
+        calls
+    }
+
     /// The most calls the next batch may hold: `max_events`, or fewer while bisecting.
     pub(super) fn batch_limit(&self, max_events: usize) -> usize {
         match self.probe {
@@ -130,6 +148,19 @@ impl Lane {
         self.attempts = 0;
         self.backoff.reset();
         self.probe = self.probe.and_then(|probe| probe.after_delivery(last_id));
+    }
+
+    /// Counts a failed attempt worth repeating and says how long to wait before the next:
+    /// what upstream `asked` for, else the next backoff step, at most `cap`.
+    pub(super) fn attempt_failed(&mut self, asked: Option<Duration>, cap: Duration) -> Duration {
+        self.attempts += 1;
+        // The backoff advances either way, so a run of failures keeps slowing down.
+        let backoff = self.backoff.next_backoff().unwrap_or(cap);
+        match asked {
+            Some(asked) => asked.max(MIN_RETRY_DELAY),
+            None => backoff,
+        }
+        .min(cap)
     }
 
     /// Upstream refused a batch of several calls: send them again in halves.

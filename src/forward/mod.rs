@@ -20,19 +20,18 @@
 //! which upstream dedupes); it never loses it.
 
 mod lane;
+mod settle;
 pub mod upstream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use backoff::backoff::Backoff;
 use tokio::task::JoinSet;
 
-use crate::clock;
-use crate::queue::{DeadReason, Queue, QueuedCall};
+use crate::queue::{Queue, QueuedCall};
 use crate::shutdown::Shutdown;
-use lane::{last_id, Lane};
+use lane::Lane;
 use upstream::{Outcome, Upstream, BATCH_ENVELOPE_BYTES};
 
 /// Upstream refuses request bodies of 500 KB and more.
@@ -49,8 +48,6 @@ const SKIP_SCAN_PAUSE: Duration = Duration::from_millis(50);
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// The soonest the loop wakes by timer.
 const MIN_WAKE: Duration = Duration::from_millis(1);
-/// The shortest wait before a retry, whatever upstream asked.
-const MIN_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// How forwarding behaves; see the README for each setting.
 #[derive(Debug, Clone)]
@@ -365,147 +362,6 @@ impl Forwarder {
             lane.buffered.clear();
             lane.pending_since = None;
             lane.skipped_from = Some(first_id);
-        }
-    }
-
-    /// Dead-letters the calls at a lane's head that are older than `max_age`.
-    fn expire(&mut self, key: &str) {
-        let Some(lane) = self.lanes.get_mut(key) else {
-            return;
-        };
-        let max_age_ms = u64::try_from(self.settings.max_age.as_millis()).unwrap_or(u64::MAX);
-        let oldest_allowed = clock::unix_ms(SystemTime::now()).saturating_sub(max_age_ms);
-        let expired = lane
-            .buffered
-            .iter()
-            .take_while(|c| c.record.received_ms < oldest_allowed)
-            .count();
-        if expired == 0 {
-            return;
-        }
-        let calls: Vec<QueuedCall> = lane.buffered.drain(..expired).collect();
-        if lane.buffered.is_empty() {
-            lane.pending_since = None;
-        }
-        let reason = DeadReason {
-            reason: "expired",
-            status: None,
-            response: String::new(),
-            attempts: lane.attempts,
-        };
-        match self.queue.dead_letter(&calls, &reason) {
-            Ok(()) => tracing::warn!(
-                calls = calls.len(),
-                max_age_s = self.settings.max_age.as_secs(),
-                "calls older than --max-age moved to the dead-letter store as expired"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot dead-letter expired calls; they stay queued");
-                lane.retry_at = Some(Instant::now() + self.settings.retry_max_interval);
-                lane.put_back(calls);
-            }
-        }
-    }
-
-    /// Applies a finished request's outcome to the queue and its lane.
-    fn finish(&mut self, sent: Sent) {
-        let Sent {
-            write_key,
-            calls,
-            outcome,
-        } = sent;
-        let settings = &self.settings;
-        let lane = self
-            .lanes
-            .entry(write_key)
-            .or_insert_with(|| Lane::new(settings));
-        lane.in_flight = 0;
-        match outcome {
-            Outcome::Delivered => {
-                crate::failpoint::hit("forward-after-delivered");
-                let now = clock::unix_ms(SystemTime::now());
-                self.health.send_modify(|health| {
-                    health.last_delivery_at_ms = Some(now);
-                    if health
-                        .backing_off_until_ms
-                        .is_some_and(|until| until <= now)
-                    {
-                        health.backing_off_until_ms = None;
-                    }
-                });
-                if let Err(e) = self.queue.remove(&calls) {
-                    // They were delivered; at worst they are sent again after a restart.
-                    tracing::error!(error = %e, "cannot remove delivered calls from the queue");
-                }
-                tracing::info!(
-                    calls = calls.len(),
-                    attempts = lane.attempts + 1,
-                    "batch delivered"
-                );
-                lane.delivered(last_id(&calls));
-            }
-            Outcome::Retry { cause, after } => {
-                crate::metrics::metrics().retries.inc();
-                lane.attempts += 1;
-                let cap = settings.retry_max_interval;
-                // The backoff advances either way, so a run of failures keeps slowing down.
-                let backoff = lane.backoff.next_backoff().unwrap_or(cap);
-                let delay = match after {
-                    Some(asked) => asked.max(MIN_RETRY_DELAY),
-                    None => backoff,
-                }
-                .min(cap);
-                tracing::warn!(
-                    %cause,
-                    delay_ms = delay.as_millis() as u64,
-                    attempt = lane.attempts,
-                    calls = calls.len(),
-                    "upstream batch failed; retrying"
-                );
-                lane.retry_at = Some(Instant::now() + delay);
-                lane.put_back(calls);
-                let now = clock::unix_ms(SystemTime::now());
-                let until = now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                self.health.send_modify(|health| {
-                    health.last_error = Some(cause);
-                    health.last_error_at_ms = Some(now);
-                    health.backing_off_until_ms = Some(
-                        health
-                            .backing_off_until_ms
-                            .filter(|&t| t > now)
-                            .map_or(until, |t| t.max(until)),
-                    );
-                });
-            }
-            Outcome::Refused { status, .. } if calls.len() > 1 => {
-                tracing::warn!(
-                    status,
-                    calls = calls.len(),
-                    "upstream refused a batch; splitting it to find the calls it refuses"
-                );
-                lane.bisect(calls);
-            }
-            Outcome::Refused { status, response } => {
-                let reason = DeadReason {
-                    reason: "rejected_by_upstream",
-                    status: Some(status),
-                    response,
-                    attempts: lane.attempts + 1,
-                };
-                match self.queue.dead_letter(&calls, &reason) {
-                    Ok(()) => tracing::warn!(
-                        status,
-                        "upstream refused a call; moved to the dead-letter store"
-                    ),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot dead-letter a refused call; it stays queued");
-                        lane.retry_at = Some(Instant::now() + settings.retry_max_interval);
-                        lane.put_back(calls);
-                        return;
-                    }
-                }
-                lane.dead_lettered(last_id(&calls));
-            }
         }
     }
 
