@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 
-use super::ForwardSettings;
+use super::upstream::BATCH_ENVELOPE_BYTES;
+use super::{ForwardSettings, MAX_BATCH_BYTES};
 use crate::queue::QueuedCall;
 
 /// The shortest wait before a retry, whatever upstream asked.
@@ -126,13 +127,25 @@ impl Lane {
         self.put_back(calls);
     }
 
-    /// Takes the first `count` buffered calls off the lane without sending them.
-    pub(super) fn take_head(&mut self, count: usize) -> Vec<QueuedCall> {
-        let calls: Vec<QueuedCall> = self.buffered.drain(..count).collect();
-        if self.buffered.is_empty() {
-            self.pending_since = None;
+    /// Whether a batch may start now: none in flight and not backing off.
+    pub(super) fn can_start(&self, now: Instant) -> bool {
+        self.in_flight == 0 && self.retry_at.is_none_or(|at| at <= now)
+    }
+
+    /// How many calls from the head the next batch holds: at most `max_events` (fewer while
+    /// bisecting) and under `MAX_BATCH_BYTES`.
+    pub(super) fn batch_len(&self, max_events: usize) -> usize {
+        let limit = self.batch_limit(max_events);
+        let mut count = 0;
+        let mut bytes = BATCH_ENVELOPE_BYTES;
+        for call in &self.buffered {
+            if count == limit || bytes + call.record.call.len() + 1 > MAX_BATCH_BYTES {
+                break;
+            }
+            count += 1;
+            bytes += call.record.call.len() + 1;
         }
-        calls
+        count
     }
 
     /// The most calls the next batch may hold: `max_events`, or fewer while bisecting.
@@ -141,6 +154,23 @@ impl Lane {
             Some(probe) => probe.size.min(max_events),
             None => max_events,
         }
+    }
+
+    /// Takes the first `count` buffered calls as the batch in flight.
+    pub(super) fn take_batch(&mut self, count: usize) -> Vec<QueuedCall> {
+        let calls = self.take_head(count);
+        self.in_flight = count;
+        self.retry_at = None;
+        calls
+    }
+
+    /// Takes the first `count` buffered calls off the lane without sending them.
+    pub(super) fn take_head(&mut self, count: usize) -> Vec<QueuedCall> {
+        let calls: Vec<QueuedCall> = self.buffered.drain(..count).collect();
+        if self.buffered.is_empty() {
+            self.pending_since = None;
+        }
+        calls
     }
 
     /// After a delivered batch ending at `last_id`: the next batch starts afresh.

@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use crate::queue::{Queue, QueuedCall};
 use crate::shutdown::Shutdown;
 use lane::Lane;
-use upstream::{Outcome, Upstream, BATCH_ENVELOPE_BYTES};
+use upstream::{Outcome, Upstream};
 
 /// Upstream refuses request bodies of 500 KB and more.
 pub const MAX_BATCH_BYTES: usize = 500 * 1000;
@@ -104,6 +104,7 @@ impl Forwarder {
         self.health.subscribe()
     }
 
+    /// A forwarder for `queue`'s calls; it delivers nothing until [`Forwarder::run`].
     pub fn new(queue: Queue, upstream: Upstream, settings: ForwardSettings) -> Forwarder {
         Forwarder {
             lane_capacity: settings.max_batch_events * 2,
@@ -137,15 +138,7 @@ impl Forwarder {
                 tracing::info!("queue drained");
                 return;
             }
-            let now = Instant::now();
-            let wake = match (
-                read_again.map(|pause| now + pause),
-                self.next_wake(draining),
-            ) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let wake_at = wake.map(tokio::time::Instant::from_std);
+            let wake_at = self.wake_at(read_again, draining);
             tokio::select! {
                 Some(done) = self.in_flight.join_next_with_id() => match done {
                     Ok((id, sent)) => {
@@ -208,21 +201,7 @@ impl Forwarder {
                 }
             };
             let full_read = calls.len() == READ_CHUNK;
-            let mut buffered_here = false;
-            for call in calls {
-                self.cursor = call.id + 1;
-                let capacity = self.lane_capacity;
-                let lane = self
-                    .lanes
-                    .entry(call.record.write_key.clone())
-                    .or_insert_with(|| Lane::new(&self.settings));
-                if lane.skipped_from.is_none() && lane.occupancy() < capacity {
-                    lane.push(call);
-                    buffered_here = true;
-                } else if lane.skipped_from.is_none() {
-                    lane.skipped_from = Some(call.id);
-                }
-            }
+            let buffered_here = self.buffer_read(calls);
             self.only_skipping = !buffered_here;
             buffered_any |= buffered_here;
             if !full_read {
@@ -234,6 +213,27 @@ impl Forwarder {
         } else {
             SKIP_SCAN_PAUSE
         })
+    }
+
+    /// Puts calls just read into their lanes, or marks them skipped where a lane is full
+    /// (or already skipping). Returns whether any call was buffered.
+    fn buffer_read(&mut self, calls: Vec<QueuedCall>) -> bool {
+        let mut buffered = false;
+        for call in calls {
+            self.cursor = call.id + 1;
+            let capacity = self.lane_capacity;
+            let lane = self
+                .lanes
+                .entry(call.record.write_key.clone())
+                .or_insert_with(|| Lane::new(&self.settings));
+            if lane.skipped_from.is_none() && lane.occupancy() < capacity {
+                lane.push(call);
+                buffered = true;
+            } else if lane.skipped_from.is_none() {
+                lane.skipped_from = Some(call.id);
+            }
+        }
+        buffered
     }
 
     /// Reads skipped calls back into lanes that have room again.
@@ -280,7 +280,22 @@ impl Forwarder {
     /// Starts a batch on every lane that is ready, while there is room in flight.
     fn start_sends(&mut self, draining: bool) {
         let now = Instant::now();
-        let keys: Vec<String> = match &self.last_started {
+        for key in self.lanes_in_turn() {
+            if self.in_flight.len() >= self.settings.concurrency {
+                break;
+            }
+            if self.lanes.get(&key).is_none_or(|lane| !lane.can_start(now)) {
+                continue;
+            }
+            self.expire(&key);
+            self.start_batch(key, now, draining);
+        }
+    }
+
+    /// The lanes' keys in the order they take turns: from just after the lane that started
+    /// the last batch, round to it.
+    fn lanes_in_turn(&self) -> Vec<String> {
+        match &self.last_started {
             Some(last) => self
                 .lanes
                 .range::<String, _>((Bound::Excluded(last), Bound::Unbounded))
@@ -288,66 +303,50 @@ impl Forwarder {
                 .map(|(k, _)| k.clone())
                 .collect(),
             None => self.lanes.keys().cloned().collect(),
-        };
-        for key in keys {
-            if self.in_flight.len() >= self.settings.concurrency {
-                break;
-            }
-            if self
-                .lanes
-                .get(&key)
-                .is_none_or(|lane| lane.in_flight > 0 || lane.retry_at.is_some_and(|at| at > now))
-            {
-                continue;
-            }
-            self.expire(&key);
-            let Some(lane) = self.lanes.get_mut(&key) else {
-                continue;
-            };
-            let limit = lane.batch_limit(self.settings.max_batch_events);
-            let mut count = 0;
-            let mut bytes = BATCH_ENVELOPE_BYTES;
-            for call in &lane.buffered {
-                if count == limit || bytes + call.record.call.len() + 1 > MAX_BATCH_BYTES {
-                    break;
-                }
-                count += 1;
-                bytes += call.record.call.len() + 1;
-            }
-            if count == 0 {
-                if lane.buffered.is_empty() && lane.skipped_from.is_none() {
-                    self.lanes.remove(&key);
-                }
-                continue;
-            }
-            let full = count < lane.buffered.len() || count == limit || lane.skipped_from.is_some();
-            let due = lane
-                .pending_since
-                .is_none_or(|since| now.duration_since(since) >= self.settings.flush_interval);
-            if !(full || due || draining || lane.attempts > 0) {
-                continue;
-            }
-            let calls: Vec<QueuedCall> = lane.buffered.drain(..count).collect();
-            if lane.buffered.is_empty() {
-                lane.pending_since = None;
-            }
-            lane.in_flight = count;
-            lane.retry_at = None;
-            let upstream = self.upstream.clone();
-            let write_key = key.clone();
-            let first_id = calls[0].id;
-            let task = self.in_flight.spawn(async move {
-                let bodies: Vec<&[u8]> = calls.iter().map(|c| c.record.call.as_slice()).collect();
-                let outcome = upstream.send(&write_key, &bodies).await;
-                Sent {
-                    write_key,
-                    calls,
-                    outcome,
-                }
-            });
-            self.sending.insert(task.id(), (key.clone(), first_id));
-            self.last_started = Some(key);
         }
+    }
+
+    /// Sends the head of `key`'s lane if it makes a batch now: full, or its oldest call has
+    /// waited `flush_interval`, or draining, or a retry. Forgets a lane that holds nothing.
+    fn start_batch(&mut self, key: String, now: Instant, draining: bool) {
+        let Some(lane) = self.lanes.get_mut(&key) else {
+            return;
+        };
+        let limit = lane.batch_limit(self.settings.max_batch_events);
+        let count = lane.batch_len(self.settings.max_batch_events);
+        if count == 0 {
+            if lane.buffered.is_empty() && lane.skipped_from.is_none() {
+                self.lanes.remove(&key);
+            }
+            return;
+        }
+        let full = count < lane.buffered.len() || count == limit || lane.skipped_from.is_some();
+        let due = lane
+            .pending_since
+            .is_none_or(|since| now.duration_since(since) >= self.settings.flush_interval);
+        if !(full || due || draining || lane.attempts > 0) {
+            return;
+        }
+        let calls = lane.take_batch(count);
+        self.spawn_send(key, calls);
+    }
+
+    /// Sends a lane's batch upstream in a task of its own.
+    fn spawn_send(&mut self, key: String, calls: Vec<QueuedCall>) {
+        let upstream = self.upstream.clone();
+        let write_key = key.clone();
+        let first_id = calls[0].id;
+        let task = self.in_flight.spawn(async move {
+            let bodies: Vec<&[u8]> = calls.iter().map(|c| c.record.call.as_slice()).collect();
+            let outcome = upstream.send(&write_key, &bodies).await;
+            Sent {
+                write_key,
+                calls,
+                outcome,
+            }
+        });
+        self.sending.insert(task.id(), (key.clone(), first_id));
+        self.last_started = Some(key);
     }
 
     /// A send task died (a panic): its calls are still queued on disk, so the lane forgets
@@ -363,6 +362,24 @@ impl Forwarder {
             lane.pending_since = None;
             lane.skipped_from = Some(first_id);
         }
+    }
+
+    /// When the loop wakes by timer: when reading must go on (`read_again` from now), or
+    /// what `next_wake` says, whichever comes first.
+    fn wake_at(
+        &self,
+        read_again: Option<Duration>,
+        draining: bool,
+    ) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
+        let wake = match (
+            read_again.map(|pause| now + pause),
+            self.next_wake(draining),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        wake.map(tokio::time::Instant::from_std)
     }
 
     /// When the loop must look again without an event: a lane's retry time, or the moment
