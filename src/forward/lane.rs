@@ -200,8 +200,8 @@ impl Lane {
         self.put_back(calls);
     }
 
-    /// After a refused call (queue id `last_id`) went to the dead-letter store: the next
-    /// batch starts afresh, and bisecting ends once past the refused calls.
+    /// After a refused call (queue id `last_id`) went to the dead-letter store: attempts
+    /// count from zero again, and bisecting ends once past the refused calls.
     pub(super) fn dead_lettered(&mut self, last_id: u64) {
         self.attempts = 0;
         if self.probe.is_some_and(|probe| probe.is_done(last_id)) {

@@ -13,7 +13,7 @@ use crate::clock;
 use crate::queue::{DeadReason, Queue, QueuedCall};
 
 /// Why the forwarder moves calls to the dead-letter store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 enum DeadCause {
     /// Upstream refused the call sent alone.
     RejectedByUpstream,
@@ -152,7 +152,8 @@ impl Settler<'_> {
         });
     }
 
-    /// Upstream refused a call sent alone: it moves to the dead-letter store.
+    /// Upstream refused a call sent alone: it moves to the dead-letter store (if that fails,
+    /// it stays at the lane's head, and the lane waits before trying again).
     fn refused_call(&self, lane: &mut Lane, calls: Vec<QueuedCall>, status: u16, response: String) {
         let reason =
             DeadCause::RejectedByUpstream.reason(Some(status), response, lane.attempts + 1);
