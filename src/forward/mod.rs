@@ -19,20 +19,20 @@
 //! A crash between "upstream said yes" and "removed" resends that batch (same messageIds,
 //! which upstream dedupes); it never loses it.
 
+mod lane;
+mod settle;
 pub mod upstream;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use backoff::backoff::Backoff;
-use backoff::ExponentialBackoff;
 use tokio::task::JoinSet;
 
-use crate::clock;
-use crate::queue::{DeadReason, Queue, QueuedCall};
+use crate::queue::{Queue, QueuedCall};
 use crate::shutdown::Shutdown;
-use upstream::{Outcome, Upstream, BATCH_ENVELOPE_BYTES};
+use lane::Lane;
+use upstream::{Outcome, Upstream};
 
 /// Upstream refuses request bodies of 500 KB and more.
 pub const MAX_BATCH_BYTES: usize = 500 * 1000;
@@ -50,8 +50,6 @@ const SKIP_SCAN_PAUSE: Duration = Duration::from_millis(50);
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// The soonest the loop wakes by timer.
 const MIN_WAKE: Duration = Duration::from_millis(1);
-/// The shortest wait before a retry, whatever upstream asked.
-const MIN_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// How forwarding behaves; see the README for each setting.
 #[derive(Debug, Clone)]
@@ -88,27 +86,6 @@ impl Default for ForwardSettings {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
-}
-
-/// The calls of one writeKey on their way upstream.
-struct Lane {
-    /// Read from the queue, not yet delivered, in queue order (excluding the batch in flight).
-    buffered: VecDeque<QueuedCall>,
-    /// Calls in the batch in flight (at most one batch per lane, for order).
-    in_flight: usize,
-    /// When the oldest buffered call was read (monotonic, so a clock step cannot hold a
-    /// partial batch back).
-    pending_since: Option<Instant>,
-    /// The first of this key's calls that the read cursor passed without buffering, because
-    /// the lane was full; read again from here once there is room.
-    skipped_from: Option<u64>,
-    /// While backing off: not before this.
-    retry_at: Option<Instant>,
-    backoff: ExponentialBackoff,
-    /// Attempts made for the batch at the head.
-    attempts: u32,
-    /// Bisecting a refused batch: send at most `.0` calls until the head passes id `.1`.
-    probe: Option<(usize, u64)>,
 }
 
 /// What the forwarder last saw of upstream, for `grouprelay status`.
@@ -155,6 +132,7 @@ impl Forwarder {
         self.health.subscribe()
     }
 
+    /// A forwarder for `queue`'s calls; it delivers nothing until [`Forwarder::run`].
     pub fn new(queue: Queue, upstream: Upstream, settings: ForwardSettings) -> Forwarder {
         Forwarder {
             lane_capacity: settings.max_batch_events * 2,
@@ -188,15 +166,7 @@ impl Forwarder {
                 tracing::info!("queue drained");
                 return;
             }
-            let now = Instant::now();
-            let wake = match (
-                read_again.map(|pause| now + pause),
-                self.next_wake(draining),
-            ) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let wake_at = wake.map(tokio::time::Instant::from_std);
+            let wake_at = self.wake_at(read_again, draining);
             tokio::select! {
                 Some(done) = self.in_flight.join_next_with_id() => match done {
                     Ok((id, sent)) => {
@@ -233,7 +203,7 @@ impl Forwarder {
                 .lanes
                 .values()
                 .filter(|l| l.retry_at.is_none() && l.skipped_from.is_none())
-                .map(|l| l.buffered.len() + l.in_flight)
+                .map(Lane::occupancy)
                 .sum();
             if sendable >= self.lane_capacity {
                 return None;
@@ -259,21 +229,7 @@ impl Forwarder {
                 }
             };
             let full_read = calls.len() == READ_CHUNK;
-            let mut buffered_here = false;
-            for call in calls {
-                self.cursor = call.id + 1;
-                let capacity = self.lane_capacity;
-                let lane = self
-                    .lanes
-                    .entry(call.record.write_key.clone())
-                    .or_insert_with(|| Lane::new(&self.settings));
-                if lane.skipped_from.is_none() && lane.buffered.len() + lane.in_flight < capacity {
-                    lane.push(call);
-                    buffered_here = true;
-                } else if lane.skipped_from.is_none() {
-                    lane.skipped_from = Some(call.id);
-                }
-            }
+            let buffered_here = self.buffer_read(calls);
             self.only_skipping = !buffered_here;
             buffered_any |= buffered_here;
             if !full_read {
@@ -287,12 +243,33 @@ impl Forwarder {
         })
     }
 
+    /// Puts calls just read into their lanes, or marks them skipped where a lane is full
+    /// (or already skipping). Returns whether any call was buffered.
+    fn buffer_read(&mut self, calls: Vec<QueuedCall>) -> bool {
+        let mut buffered = false;
+        for call in calls {
+            self.cursor = call.id + 1;
+            let capacity = self.lane_capacity;
+            let lane = self
+                .lanes
+                .entry(call.record.write_key.clone())
+                .or_insert_with(|| Lane::new(&self.settings));
+            if lane.skipped_from.is_none() && lane.occupancy() < capacity {
+                lane.push(call);
+                buffered = true;
+            } else if lane.skipped_from.is_none() {
+                lane.skipped_from = Some(call.id);
+            }
+        }
+        buffered
+    }
+
     /// Reads skipped calls back into lanes that have room again.
     fn refill_lanes(&mut self) {
         let cursor = self.cursor;
         for (key, lane) in self.lanes.iter_mut() {
             while let Some(from) = lane.skipped_from {
-                if lane.buffered.len() + lane.in_flight >= self.lane_capacity / 2 {
+                if lane.occupancy() >= self.lane_capacity / 2 {
                     break;
                 }
                 let calls = match self.queue.read(from, READ_CHUNK) {
@@ -309,7 +286,7 @@ impl Forwarder {
                     if call.record.write_key != *key {
                         continue;
                     }
-                    if lane.buffered.len() + lane.in_flight >= self.lane_capacity {
+                    if lane.occupancy() >= self.lane_capacity {
                         lane.skipped_from = Some(call.id);
                         break;
                     }
@@ -331,7 +308,22 @@ impl Forwarder {
     /// Starts a batch on every lane that is ready, while there is room in flight.
     fn start_sends(&mut self, draining: bool) {
         let now = Instant::now();
-        let keys: Vec<String> = match &self.last_started {
+        for key in self.lanes_in_turn() {
+            if self.in_flight.len() >= self.settings.concurrency {
+                break;
+            }
+            if self.lanes.get(&key).is_none_or(|lane| !lane.can_start(now)) {
+                continue;
+            }
+            self.expire(&key);
+            self.start_batch(key, now, draining);
+        }
+    }
+
+    /// The lanes' keys in the order they take turns: from just after the lane that started
+    /// the last batch, round to it.
+    fn lanes_in_turn(&self) -> Vec<String> {
+        match &self.last_started {
             Some(last) => self
                 .lanes
                 .range::<String, _>((Bound::Excluded(last), Bound::Unbounded))
@@ -339,69 +331,50 @@ impl Forwarder {
                 .map(|(k, _)| k.clone())
                 .collect(),
             None => self.lanes.keys().cloned().collect(),
-        };
-        for key in keys {
-            if self.in_flight.len() >= self.settings.concurrency {
-                break;
-            }
-            if self
-                .lanes
-                .get(&key)
-                .is_none_or(|lane| lane.in_flight > 0 || lane.retry_at.is_some_and(|at| at > now))
-            {
-                continue;
-            }
-            self.expire(&key);
-            let Some(lane) = self.lanes.get_mut(&key) else {
-                continue;
-            };
-            let limit = match lane.probe {
-                Some((size, _)) => size.min(self.settings.max_batch_events),
-                None => self.settings.max_batch_events,
-            };
-            let mut count = 0;
-            let mut bytes = BATCH_ENVELOPE_BYTES;
-            for call in &lane.buffered {
-                if count == limit || bytes + call.record.call.len() + 1 > MAX_BATCH_BYTES {
-                    break;
-                }
-                count += 1;
-                bytes += call.record.call.len() + 1;
-            }
-            if count == 0 {
-                if lane.buffered.is_empty() && lane.skipped_from.is_none() {
-                    self.lanes.remove(&key);
-                }
-                continue;
-            }
-            let full = count < lane.buffered.len() || count == limit || lane.skipped_from.is_some();
-            let due = lane
-                .pending_since
-                .is_none_or(|since| now.duration_since(since) >= self.settings.flush_interval);
-            if !(full || due || draining || lane.attempts > 0) {
-                continue;
-            }
-            let calls: Vec<QueuedCall> = lane.buffered.drain(..count).collect();
-            if lane.buffered.is_empty() {
-                lane.pending_since = None;
-            }
-            lane.in_flight = count;
-            lane.retry_at = None;
-            let upstream = self.upstream.clone();
-            let write_key = key.clone();
-            let first_id = calls[0].id;
-            let task = self.in_flight.spawn(async move {
-                let bodies: Vec<&[u8]> = calls.iter().map(|c| c.record.call.as_slice()).collect();
-                let outcome = upstream.send(&write_key, &bodies).await;
-                Sent {
-                    write_key,
-                    calls,
-                    outcome,
-                }
-            });
-            self.sending.insert(task.id(), (key.clone(), first_id));
-            self.last_started = Some(key);
         }
+    }
+
+    /// Sends the head of `key`'s lane if it makes a batch now: full, or its oldest call has
+    /// waited `flush_interval`, or draining, or a retry. Forgets a lane that holds nothing.
+    fn start_batch(&mut self, key: String, now: Instant, draining: bool) {
+        let Some(lane) = self.lanes.get_mut(&key) else {
+            return;
+        };
+        let limit = lane.batch_limit(self.settings.max_batch_events);
+        let count = lane.batch_len(self.settings.max_batch_events);
+        if count == 0 {
+            if lane.buffered.is_empty() && lane.skipped_from.is_none() {
+                self.lanes.remove(&key);
+            }
+            return;
+        }
+        let full = count < lane.buffered.len() || count == limit || lane.skipped_from.is_some();
+        let due = lane
+            .pending_since
+            .is_none_or(|since| now.duration_since(since) >= self.settings.flush_interval);
+        if !(full || due || draining || lane.attempts > 0) {
+            return;
+        }
+        let calls = lane.take_batch(count);
+        self.spawn_send(key, calls);
+    }
+
+    /// Sends a lane's batch upstream in a task of its own.
+    fn spawn_send(&mut self, key: String, calls: Vec<QueuedCall>) {
+        let upstream = self.upstream.clone();
+        let write_key = key.clone();
+        let first_id = calls[0].id;
+        let task = self.in_flight.spawn(async move {
+            let bodies: Vec<&[u8]> = calls.iter().map(|c| c.record.call.as_slice()).collect();
+            let outcome = upstream.send(&write_key, &bodies).await;
+            Sent {
+                write_key,
+                calls,
+                outcome,
+            }
+        });
+        self.sending.insert(task.id(), (key.clone(), first_id));
+        self.last_started = Some(key);
     }
 
     /// A send task died (a panic): its calls are still queued on disk, so the lane forgets
@@ -419,160 +392,22 @@ impl Forwarder {
         }
     }
 
-    /// Dead-letters the calls at a lane's head that are older than `max_age`.
-    fn expire(&mut self, key: &str) {
-        let Some(lane) = self.lanes.get_mut(key) else {
-            return;
+    /// When the loop wakes by timer: when reading must go on (`read_again` from now), or
+    /// what `next_wake` says, whichever comes first.
+    fn wake_at(
+        &self,
+        read_again: Option<Duration>,
+        draining: bool,
+    ) -> Option<tokio::time::Instant> {
+        let now = Instant::now();
+        let wake = match (
+            read_again.map(|pause| now + pause),
+            self.next_wake(draining),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        let max_age_ms = u64::try_from(self.settings.max_age.as_millis()).unwrap_or(u64::MAX);
-        let oldest_allowed = clock::unix_ms(SystemTime::now()).saturating_sub(max_age_ms);
-        let expired = lane
-            .buffered
-            .iter()
-            .take_while(|c| c.record.received_ms < oldest_allowed)
-            .count();
-        if expired == 0 {
-            return;
-        }
-        let calls: Vec<QueuedCall> = lane.buffered.drain(..expired).collect();
-        if lane.buffered.is_empty() {
-            lane.pending_since = None;
-        }
-        let reason = DeadReason {
-            reason: "expired",
-            status: None,
-            response: String::new(),
-            attempts: lane.attempts,
-        };
-        match self.queue.dead_letter(&calls, &reason) {
-            Ok(()) => tracing::warn!(
-                calls = calls.len(),
-                max_age_s = self.settings.max_age.as_secs(),
-                "calls older than --max-age moved to the dead-letter store as expired"
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot dead-letter expired calls; they stay queued");
-                lane.retry_at = Some(Instant::now() + self.settings.retry_max_interval);
-                lane.put_back(calls);
-            }
-        }
-    }
-
-    /// Applies a finished request's outcome to the queue and its lane.
-    fn finish(&mut self, sent: Sent) {
-        let Sent {
-            write_key,
-            calls,
-            outcome,
-        } = sent;
-        let settings = &self.settings;
-        let lane = self
-            .lanes
-            .entry(write_key)
-            .or_insert_with(|| Lane::new(settings));
-        lane.in_flight = 0;
-        let last_id = calls.last().map(|c| c.id).unwrap_or(0);
-        match outcome {
-            Outcome::Delivered => {
-                crate::failpoint::hit("forward-after-delivered");
-                let now = clock::unix_ms(SystemTime::now());
-                self.health.send_modify(|health| {
-                    health.last_delivery_at_ms = Some(now);
-                    if health
-                        .backing_off_until_ms
-                        .is_some_and(|until| until <= now)
-                    {
-                        health.backing_off_until_ms = None;
-                    }
-                });
-                if let Err(e) = self.queue.remove(&calls) {
-                    // They were delivered; at worst they are sent again after a restart.
-                    tracing::error!(error = %e, "cannot remove delivered calls from the queue");
-                }
-                tracing::info!(
-                    calls = calls.len(),
-                    attempts = lane.attempts + 1,
-                    "batch delivered"
-                );
-                lane.attempts = 0;
-                lane.backoff.reset();
-                lane.probe = match lane.probe {
-                    Some((_, until)) if last_id >= until => None,
-                    // Past a refused half: widen again, so the rest does not go one by one.
-                    Some((size, until)) => Some((size * 2, until)),
-                    None => None,
-                };
-            }
-            Outcome::Retry { cause, after } => {
-                crate::metrics::metrics().retries.inc();
-                lane.attempts += 1;
-                let cap = settings.retry_max_interval;
-                // The backoff advances either way, so a run of failures keeps slowing down.
-                let backoff = lane.backoff.next_backoff().unwrap_or(cap);
-                let delay = match after {
-                    Some(asked) => asked.max(MIN_RETRY_DELAY),
-                    None => backoff,
-                }
-                .min(cap);
-                tracing::warn!(
-                    %cause,
-                    delay_ms = delay.as_millis() as u64,
-                    attempt = lane.attempts,
-                    calls = calls.len(),
-                    "upstream batch failed; retrying"
-                );
-                lane.retry_at = Some(Instant::now() + delay);
-                lane.put_back(calls);
-                let now = clock::unix_ms(SystemTime::now());
-                let until = now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                self.health.send_modify(|health| {
-                    health.last_error = Some(cause);
-                    health.last_error_at_ms = Some(now);
-                    health.backing_off_until_ms = Some(
-                        health
-                            .backing_off_until_ms
-                            .filter(|&t| t > now)
-                            .map_or(until, |t| t.max(until)),
-                    );
-                });
-            }
-            Outcome::Refused { status, .. } if calls.len() > 1 => {
-                let half = calls.len().div_ceil(2);
-                let until = lane.probe.map_or(last_id, |(_, until)| until.max(last_id));
-                tracing::warn!(
-                    status,
-                    calls = calls.len(),
-                    "upstream refused a batch; splitting it to find the calls it refuses"
-                );
-                lane.probe = Some((half, until));
-                lane.attempts += 1;
-                lane.put_back(calls);
-            }
-            Outcome::Refused { status, response } => {
-                let reason = DeadReason {
-                    reason: "rejected_by_upstream",
-                    status: Some(status),
-                    response,
-                    attempts: lane.attempts + 1,
-                };
-                match self.queue.dead_letter(&calls, &reason) {
-                    Ok(()) => tracing::warn!(
-                        status,
-                        "upstream refused a call; moved to the dead-letter store"
-                    ),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot dead-letter a refused call; it stays queued");
-                        lane.retry_at = Some(Instant::now() + settings.retry_max_interval);
-                        lane.put_back(calls);
-                        return;
-                    }
-                }
-                lane.attempts = 0;
-                if lane.probe.is_some_and(|(_, until)| last_id >= until) {
-                    lane.probe = None;
-                }
-            }
-        }
+        wake.map(tokio::time::Instant::from_std)
     }
 
     /// When the loop must look again without an event: a lane's retry time, or the moment
@@ -605,47 +440,6 @@ impl Forwarder {
                 .values()
                 .all(|l| l.buffered.is_empty() && l.skipped_from.is_none())
             && self.queue.read(self.cursor, 1).is_ok_and(|c| c.is_empty())
-    }
-}
-
-impl Lane {
-    fn push(&mut self, call: QueuedCall) {
-        if self.buffered.is_empty() {
-            self.pending_since = Some(Instant::now());
-        }
-        self.buffered.push_back(call);
-    }
-
-    /// Puts an unsent batch back at the head, in order.
-    fn put_back(&mut self, calls: Vec<QueuedCall>) {
-        if !calls.is_empty() && self.pending_since.is_none() {
-            self.pending_since = Some(Instant::now());
-        }
-        for call in calls.into_iter().rev() {
-            self.buffered.push_front(call);
-        }
-    }
-
-    fn new(settings: &ForwardSettings) -> Lane {
-        Lane {
-            buffered: VecDeque::new(),
-            in_flight: 0,
-            pending_since: None,
-            skipped_from: None,
-            retry_at: None,
-            backoff: ExponentialBackoff {
-                initial_interval: Duration::from_millis(500),
-                current_interval: Duration::from_millis(500),
-                multiplier: 1.5,
-                randomization_factor: 0.5,
-                max_interval: settings.retry_max_interval,
-                // A durable queue never gives up by elapsed time; `max_age` decides.
-                max_elapsed_time: None,
-                ..ExponentialBackoff::default()
-            },
-            attempts: 0,
-            probe: None,
-        }
     }
 }
 
