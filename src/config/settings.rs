@@ -12,9 +12,11 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Config, ConfigError, ListenAddr, LogFormat};
+use super::error::ConfigError;
+use super::sections::{Config, LogFormat};
 use crate::forward::MAX_BATCH_EVENTS;
 use crate::queue::Durability;
+use crate::server::ListenAddr;
 
 /// One setting as `--help`, the README and the packaged TOML describe it.
 pub struct Setting {

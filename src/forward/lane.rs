@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 
+use super::settings::{ForwardSettings, MAX_BATCH_BYTES};
 use super::upstream::BATCH_ENVELOPE_BYTES;
-use super::{ForwardSettings, MAX_BATCH_BYTES};
 use crate::queue::QueuedCall;
 
 /// The shortest wait before a retry, whatever upstream asked.

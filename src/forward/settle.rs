@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::lane::{last_id, Lane};
+use super::settings::ForwardSettings;
 use super::upstream::Outcome;
-use super::{ForwardSettings, Forwarder, Sent, UpstreamHealth};
+use super::{Forwarder, Sent, UpstreamHealth};
 use crate::clock;
 use crate::queue::{DeadReason, Queue, QueuedCall};
 

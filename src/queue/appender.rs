@@ -23,9 +23,10 @@ use tokio::sync::{oneshot, Notify};
 
 use super::budget::{Budget, KEY_OVERHEAD};
 use super::commit::{AppendError, GroupCommit, Reply};
+use super::error::QueueError;
 use super::keys::chunk_key;
+use super::options::Durability;
 use super::record::{self, CHUNK_HEADER_LEN};
-use super::{Durability, QueueError};
 
 /// Most record bytes in one chunk. sled 0.34 splits a leaf past 16 keys and writes any log
 /// message over a quarter of a 512 KiB segment as a separate *blob* file; 17 chunks of this

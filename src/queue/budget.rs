@@ -10,8 +10,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::error::QueueError;
 use super::keys::CHUNK_PREFIX;
-use super::{QueueError, CLEAN_CLOSE_KEY, DEAD_TREE, QUARANTINE_TREE, QUEUE_TREE, REJECTED_TREE};
+use super::layout::{CLEAN_CLOSE_KEY, DEAD_TREE, QUARANTINE_TREE, QUEUE_TREE, REJECTED_TREE};
 
 /// Bytes counted against the limit for each stored value besides its own (its key, roughly).
 pub(crate) const KEY_OVERHEAD: u64 = 16;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::QueueError;
+use super::error::QueueError;
 
 /// How long a writer waits for its answer (written, then in `fsync` mode flushed) before
 /// giving up with an error.

@@ -7,12 +7,13 @@ use std::collections::BTreeMap;
 use serde_json::value::RawValue;
 
 use super::budget::stored_size;
+use super::error::{transaction_error, QueueError};
 use super::keys::{decode_id, LEDGER_KEY};
+use super::ledger::QueuedCall;
+use super::record::DeadReason;
 use super::record::{self, DeadRecord, RejectedRecord};
-use super::{
-    encode_counters, settle_into, transaction_error, DeadReason, Queue, QueueError, QueuedCall,
-};
-use crate::spec::RejectedCall;
+use super::settle::{encode_counters, settle_into};
+use super::Queue;
 
 impl Queue {
     /// Moves calls from the queue to the dead-letter store in one atomic step with the
@@ -173,25 +174,6 @@ fn call_json(call: &[u8]) -> Box<RawValue> {
         let quoted = serde_json::to_string(&text).expect("a string serializes");
         RawValue::from_string(quoted).expect("a JSON string is JSON")
     })
-}
-
-pub(super) fn rejected_record(
-    write_key: &str,
-    received_ms: u64,
-    rejected: &RejectedCall,
-) -> Result<Vec<u8>, QueueError> {
-    let call = RawValue::from_string(String::from_utf8_lossy(&rejected.raw).into_owned())
-        .map_err(|e| QueueError::Storage(format!("rejected call is not JSON: {e}")))?;
-    serde_json::to_vec(&RejectedRecord {
-        version: record::FORMAT_VERSION,
-        received_ms,
-        write_key: write_key.to_owned(),
-        index: rejected.index,
-        code: rejected.violation.code.to_owned(),
-        message: rejected.violation.message.clone(),
-        call,
-    })
-    .map_err(|e| QueueError::Storage(e.to_string()))
 }
 
 /// Every record of a tree of JSON records, in key order.

@@ -1,6 +1,6 @@
 //! Why a queue operation failed: one variant per cause, each saying when it happens.
 
-use super::DB_FORMAT;
+use super::layout::DB_FORMAT;
 
 /// A queue operation's failure. Ingest answers `Full` and `DiskLow` with 429, the rest with
 /// 503 `storage_error`.

@@ -10,8 +10,8 @@
 //! l                                             the counters (JSON)
 //! ```
 
+use super::error::QueueError;
 use super::ledger::ChunkRef;
-use super::QueueError;
 
 /// The first byte of a chunk's key.
 pub const CHUNK_PREFIX: u8 = b'c';

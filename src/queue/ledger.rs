@@ -10,7 +10,16 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use super::QueuedCall;
+use super::record::CallRecord;
+
+/// A call handed out by `Queue::read`.
+#[derive(Debug, Clone)]
+pub struct QueuedCall {
+    pub id: u64,
+    pub record: CallRecord,
+    /// The chunk it is stored in; `Queue::remove` needs it.
+    pub chunk: ChunkRef,
+}
 
 /// Counters kept in the queue tree under the ledger key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -47,17 +47,18 @@ mod commit;
 mod dead;
 mod error;
 pub mod keys;
+mod layout;
 mod ledger;
 mod open;
 mod options;
 mod read;
 pub mod record;
+mod remove;
 mod settle;
 mod space;
 mod watermark;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,56 +69,15 @@ use crate::spec::RejectedCall;
 use appender::Appender;
 use budget::{stored_size, Budget};
 use commit::{AppendError, GroupCommit};
-use dead::rejected_record;
-use error::transaction_error;
 pub use error::QueueError;
+use layout::CLEAN_CLOSE_KEY;
+pub use layout::{DB_DIR, WATERMARK_FILE};
 use ledger::Books;
-pub use ledger::{ChunkRef, Counters};
+pub use ledger::{ChunkRef, Counters, QueuedCall};
 pub use options::{Durability, QueueOptions};
-pub use record::{CallRecord, DeadRecord, DecodeError, RejectedRecord};
-use settle::{encode_counters, settle_into};
+use record::rejected_record;
+pub use record::{CallRecord, DeadReason, DeadRecord, DecodeError, RejectedRecord};
 use space::FreeSpace;
-
-/// Why calls are dead-lettered.
-#[derive(Debug, Clone)]
-pub struct DeadReason {
-    /// `rejected_by_upstream` or `expired`.
-    pub reason: &'static str,
-    /// Upstream's status, when it answered.
-    pub status: Option<u16>,
-    /// The first 1 KB of upstream's answer.
-    pub response: String,
-    pub attempts: u32,
-}
-
-/// Name of the sled database directory inside the data dir.
-pub const DB_DIR: &str = "queue";
-/// The durable watermark's file, beside sled's inside the database directory, so that it
-/// moves with the queue (see `watermark`).
-pub const WATERMARK_FILE: &str = "grouprelay.watermark";
-/// Chunks of queued calls, their done-bits and the counters: one tree, so that a call's
-/// state and the counters change in one atomic batch.
-const QUEUE_TREE: &str = "queue";
-const REJECTED_TREE: &str = "rejected";
-const DEAD_TREE: &str = "dead";
-/// Chunks that could not be read: `reason \n original bytes`, under their queue key.
-const QUARANTINE_TREE: &str = "quarantine";
-const META_TREE: &str = "meta";
-const FORMAT_KEY: &str = "format";
-/// The database format this build writes and reads: 2 = calls in chunks.
-const DB_FORMAT: u8 = 2;
-/// Written by a clean `close`: the exact stored-bytes count. Removed at open, so that its
-/// absence tells a crash (and a recount) apart.
-const CLEAN_CLOSE_KEY: &str = "clean_close_stored_bytes";
-
-/// A call handed out by [`Queue::read`].
-#[derive(Debug, Clone)]
-pub struct QueuedCall {
-    pub id: u64,
-    pub record: CallRecord,
-    /// The chunk it is stored in; [`Queue::remove`] needs it.
-    pub chunk: ChunkRef,
-}
 
 /// Every call's fate so far, from the durable counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,8 +311,4 @@ impl Queue {
         }
         result.map_err(|e| QueueError::Storage(e.to_string()))
     }
-}
-
-fn db_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(DB_DIR)
 }

@@ -9,14 +9,17 @@ use std::sync::{Arc, Mutex};
 use super::appender::{Appender, Target};
 use super::budget::{self, Budget};
 use super::commit::GroupCommit;
+use super::error::QueueError;
 use super::keys::{decode_chunk_key, decode_done_key, CHUNK_PREFIX, DONE_PREFIX, LEDGER_KEY};
+use super::layout::{
+    db_path, DB_FORMAT, DEAD_TREE, FORMAT_KEY, META_TREE, QUEUE_TREE, REJECTED_TREE, WATERMARK_FILE,
+};
 use super::ledger::{self, Books, Counters};
+use super::options::QueueOptions;
+use super::settle::encode_counters;
 use super::space::FreeSpace;
 use super::watermark::Watermark;
-use super::{
-    db_path, encode_counters, Inner, Queue, QueueError, QueueOptions, DB_FORMAT, DEAD_TREE,
-    FORMAT_KEY, META_TREE, QUEUE_TREE, REJECTED_TREE, WATERMARK_FILE,
-};
+use super::{Inner, Queue};
 
 impl Queue {
     /// Opens (or creates) the queue in `options.data_dir`. Must run inside a tokio runtime:

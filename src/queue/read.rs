@@ -4,10 +4,14 @@
 use std::sync::atomic::Ordering;
 
 use super::budget::stored_size;
+use super::error::{transaction_error, QueueError};
 use super::keys::{chunk_key, decode_chunk_key, done_key, LEDGER_KEY};
+use super::layout::QUARANTINE_TREE;
 use super::ledger::ChunkRef;
+use super::ledger::QueuedCall;
 use super::record;
-use super::{encode_counters, transaction_error, Queue, QueueError, QueuedCall, QUARANTINE_TREE};
+use super::settle::encode_counters;
+use super::Queue;
 
 impl Queue {
     /// Up to `limit` pending durable calls with ids of `from` or more, in queue order. A call

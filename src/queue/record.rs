@@ -20,6 +20,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::error::QueueError;
+use crate::spec::RejectedCall;
+
 /// The record format this build writes, and the newest one it reads.
 pub const FORMAT_VERSION: u8 = 1;
 const HEADER_LEN: usize = 1 + 8 + 2;
@@ -192,6 +195,38 @@ pub struct DeadRecord {
     pub attempts: u32,
     pub dead_at_ms: u64,
     pub call: Box<RawValue>,
+}
+
+/// Why calls are dead-lettered.
+#[derive(Debug, Clone)]
+pub struct DeadReason {
+    /// `rejected_by_upstream` or `expired`.
+    pub reason: &'static str,
+    /// Upstream's status, when it answered.
+    pub status: Option<u16>,
+    /// The first 1 KB of upstream's answer.
+    pub response: String,
+    pub attempts: u32,
+}
+
+/// A call ingest refused inside an accepted batch, as the rejected store keeps it.
+pub(super) fn rejected_record(
+    write_key: &str,
+    received_ms: u64,
+    rejected: &RejectedCall,
+) -> Result<Vec<u8>, QueueError> {
+    let call = RawValue::from_string(String::from_utf8_lossy(&rejected.raw).into_owned())
+        .map_err(|e| QueueError::Storage(format!("rejected call is not JSON: {e}")))?;
+    serde_json::to_vec(&RejectedRecord {
+        version: FORMAT_VERSION,
+        received_ms,
+        write_key: write_key.to_owned(),
+        index: rejected.index,
+        code: rejected.violation.code.to_owned(),
+        message: rejected.violation.message.clone(),
+        call,
+    })
+    .map_err(|e| QueueError::Storage(e.to_string()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,29 @@
+//! Where the queue lives on disk: its directory, files, sled trees and meta keys, and the
+//! format number of what is stored in them.
+
+use std::path::{Path, PathBuf};
+
+/// Name of the sled database directory inside the data dir.
+pub const DB_DIR: &str = "queue";
+/// The durable watermark's file, beside sled's inside the database directory, so that it
+/// moves with the queue (see `watermark`).
+pub const WATERMARK_FILE: &str = "grouprelay.watermark";
+/// Chunks of queued calls, their done-bits and the counters: one tree, so that a call's
+/// state and the counters change in one atomic batch.
+pub(super) const QUEUE_TREE: &str = "queue";
+pub(super) const REJECTED_TREE: &str = "rejected";
+pub(super) const DEAD_TREE: &str = "dead";
+/// Chunks that could not be read: `reason \n original bytes`, under their queue key.
+pub(super) const QUARANTINE_TREE: &str = "quarantine";
+pub(super) const META_TREE: &str = "meta";
+pub(super) const FORMAT_KEY: &str = "format";
+/// The database format this build writes and reads: 2 = calls in chunks.
+pub(super) const DB_FORMAT: u8 = 2;
+/// Written by a clean `close`: the exact stored-bytes count. Removed at open, so that its
+/// absence tells a crash (and a recount) apart.
+pub(super) const CLEAN_CLOSE_KEY: &str = "clean_close_stored_bytes";
+
+/// The sled database's directory inside the data dir.
+pub(super) fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DB_DIR)
+}
