@@ -85,75 +85,90 @@ impl Metrics {
             dead_letters: Family::default(),
         };
         let mut registry = Registry::with_prefix("grouprelay");
-        registry.register(
-            "calls_accepted",
-            "Calls queued (answered 200)",
-            metrics.calls_accepted.clone(),
-        );
-        registry.register(
-            "calls_rejected",
-            "Calls refused at ingest, by code (a refused request counts once)",
-            metrics.calls_rejected.clone(),
-        );
-        registry.register(
-            "http_requests",
-            "HTTP requests, by route and status",
-            metrics.requests.clone(),
-        );
-        registry.register(
-            "ingest_duration_seconds",
-            "Time from a call request's arrival to its answer",
-            metrics.ingest_seconds.clone(),
-        );
-        registry.register(
-            "queue_calls",
-            "Calls waiting in the queue",
-            metrics.queue_calls.clone(),
-        );
-        registry.register(
-            "queue_stored_bytes",
-            "Bytes counted against --max-queue-bytes",
-            metrics.queue_bytes.clone(),
-        );
-        registry.register(
-            "queue_oldest_call_age_seconds",
-            "Age of the oldest call waiting in the queue (0 when empty)",
-            metrics.queue_oldest_age_seconds.clone(),
-        );
-        registry.register(
-            "queue_flush_duration_seconds",
-            "Time of one queue flush (sled flush and fdatasync)",
-            metrics.flush_seconds.clone(),
-        );
-        registry.register(
-            "upstream_batches",
-            "Batches sent upstream, retries included",
-            metrics.batches_sent.clone(),
-        );
-        registry.register(
-            "upstream_responses",
-            "Upstream answers, by status class (error: none came)",
-            metrics.upstream_responses.clone(),
-        );
-        registry.register(
-            "calls_delivered",
-            "Calls upstream accepted",
-            metrics.calls_delivered.clone(),
-        );
-        registry.register(
-            "upstream_retries",
-            "Batches to be sent again after a failure",
-            metrics.retries.clone(),
-        );
-        registry.register(
-            "dead_letters",
-            "Calls moved to the dead-letter store, by reason",
-            metrics.dead_letters.clone(),
-        );
+        metrics.register_ingest(&mut registry);
+        metrics.register_queue(&mut registry);
+        metrics.register_delivery(&mut registry);
         Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// What the call path counts.
+    fn register_ingest(&self, registry: &mut Registry) {
+        registry.register(
+            "calls_accepted",
+            "Calls queued (answered 200)",
+            self.calls_accepted.clone(),
+        );
+        registry.register(
+            "calls_rejected",
+            "Calls refused at ingest, by code (a refused request counts once)",
+            self.calls_rejected.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests, by route and status",
+            self.requests.clone(),
+        );
+        registry.register(
+            "ingest_duration_seconds",
+            "Time from a call request's arrival to its answer",
+            self.ingest_seconds.clone(),
+        );
+    }
+
+    /// The queue's gauges and flushes.
+    fn register_queue(&self, registry: &mut Registry) {
+        registry.register(
+            "queue_calls",
+            "Calls waiting in the queue",
+            self.queue_calls.clone(),
+        );
+        registry.register(
+            "queue_stored_bytes",
+            "Bytes counted against --max-queue-bytes",
+            self.queue_bytes.clone(),
+        );
+        registry.register(
+            "queue_oldest_call_age_seconds",
+            "Age of the oldest call waiting in the queue (0 when empty)",
+            self.queue_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "queue_flush_duration_seconds",
+            "Time of one queue flush (sled flush and fdatasync)",
+            self.flush_seconds.clone(),
+        );
+    }
+
+    /// What the forwarder counts.
+    fn register_delivery(&self, registry: &mut Registry) {
+        registry.register(
+            "upstream_batches",
+            "Batches sent upstream, retries included",
+            self.batches_sent.clone(),
+        );
+        registry.register(
+            "upstream_responses",
+            "Upstream answers, by status class (error: none came)",
+            self.upstream_responses.clone(),
+        );
+        registry.register(
+            "calls_delivered",
+            "Calls upstream accepted",
+            self.calls_delivered.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Batches to be sent again after a failure",
+            self.retries.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Calls moved to the dead-letter store, by reason",
+            self.dead_letters.clone(),
+        );
     }
 
     /// The text exposition, after `refresh` has set the gauges read at scrape time.

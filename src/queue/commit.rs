@@ -226,27 +226,7 @@ async fn committer(
         // the calls of the answers waiting now.
         answering.taken = shared.take_answers();
         let covered = before_flush();
-        let started = std::time::Instant::now();
-        let db = db.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
-            if crate::failpoint::skips("queue-skip-fdatasync") {
-                return Ok(());
-            }
-            // Through sled, which counts it: a segment freed before it started can then be
-            // reused without a sync of sled's own (`docs/sled.md`).
-            db.sync_data()
-                .map_err(|e| format!("fdatasync of the queue file failed: {e}"))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("flush task failed: {e}")));
-        crate::metrics::metrics()
-            .flush_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let error = result.err().map(|e| {
-            tracing::error!(error = %e, "queue flush failed");
-            Arc::<str>::from(e)
-        });
+        let error = flush(&db).await;
         if error.is_none() {
             after_flush(covered);
             if shared.durable_end.fetch_max(covered, Ordering::SeqCst) < covered {
@@ -270,6 +250,32 @@ async fn committer(
             break;
         }
     }
+}
+
+/// One sled flush and fdatasync of its files, off the async workers, timed; the error, if
+/// it failed.
+async fn flush(db: &sled::Db) -> Option<Arc<str>> {
+    let started = std::time::Instant::now();
+    let db = db.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        db.flush().map_err(|e| format!("sled flush failed: {e}"))?;
+        if crate::failpoint::skips("queue-skip-fdatasync") {
+            return Ok(());
+        }
+        // Through sled, which counts it: a segment freed before it started can then be
+        // reused without a sync of sled's own (`docs/sled.md`).
+        db.sync_data()
+            .map_err(|e| format!("fdatasync of the queue file failed: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("flush task failed: {e}")));
+    crate::metrics::metrics()
+        .flush_seconds
+        .observe(started.elapsed().as_secs_f64());
+    result.err().map(|e| {
+        tracing::error!(error = %e, "queue flush failed");
+        Arc::<str>::from(e)
+    })
 }
 
 /// The answers the committer owes: those of the flush under way, and, once it ends, those

@@ -3,6 +3,7 @@
 //! moved, read, purged and replayed.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use serde_json::value::RawValue;
 
@@ -13,7 +14,7 @@ use super::ledger::QueuedCall;
 use super::record::DeadReason;
 use super::record::{self, DeadRecord, RejectedRecord};
 use super::settle::{encode_counters, settle_into};
-use super::Queue;
+use super::{Inner, Queue};
 
 impl Queue {
     /// Moves calls from the queue to the dead-letter store in one atomic step with the
@@ -174,6 +175,32 @@ fn call_json(call: &[u8]) -> Box<RawValue> {
         let quoted = serde_json::to_string(&text).expect("a string serializes");
         RawValue::from_string(quoted).expect("a JSON string is JSON")
     })
+}
+
+impl Inner {
+    /// Keeps a request's rejected calls in the rejected store, in one batch; on failure
+    /// gives back the `reserved` bytes (the whole request's), since nothing of it is kept.
+    pub(super) fn keep_rejected(
+        &self,
+        records: Vec<Vec<u8>>,
+        reserved: u64,
+    ) -> Result<(), QueueError> {
+        let count = records.len() as u64;
+        let mut batch = sled::Batch::default();
+        let written = (|| {
+            for record in records {
+                batch.insert(&self.db.generate_id()?.to_be_bytes(), record);
+            }
+            self.rejected.apply_batch(batch)
+        })();
+        if let Err(e) = written {
+            self.budget.release(reserved);
+            tracing::error!(error = %e, "cannot keep rejected calls");
+            return Err(e.into());
+        }
+        self.rejected_count.fetch_add(count, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// Every record of a tree of JSON records, in key order.

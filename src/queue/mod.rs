@@ -159,20 +159,7 @@ impl Queue {
         inner.budget.reserve(size)?;
 
         if !rejected_records.is_empty() {
-            let count = rejected_records.len() as u64;
-            let mut batch = sled::Batch::default();
-            let written = (|| {
-                for record in rejected_records {
-                    batch.insert(&inner.db.generate_id()?.to_be_bytes(), record);
-                }
-                inner.rejected.apply_batch(batch)
-            })();
-            if let Err(e) = written {
-                inner.budget.release(size);
-                tracing::error!(error = %e, "cannot keep rejected calls");
-                return Err(e.into());
-            }
-            inner.rejected_count.fetch_add(count, Ordering::SeqCst);
+            inner.keep_rejected(rejected_records, size)?;
         }
         if records.is_empty() {
             // Only rejected calls: they too are answered once durable.
@@ -188,21 +175,7 @@ impl Queue {
                 }
             };
         }
-        let appended = inner.appender.append(records);
-        let appended = match inner.durability {
-            // After an I/O error (a full disk, say) sled's flush can wait forever: answer
-            // with an error in bounded time rather than hang the request.
-            Durability::Fsync => tokio::time::timeout(commit::FLUSH_WAIT_LIMIT, appended)
-                .await
-                .unwrap_or_else(|_| {
-                    // If the calls turn out not written, the appender gives their bytes back.
-                    Err(AppendError::NotDurable(Arc::from(format!(
-                        "no answer within {} s",
-                        commit::FLUSH_WAIT_LIMIT.as_secs()
-                    ))))
-                }),
-            Durability::Interval => appended.await,
-        };
+        let appended = inner.appended_in_time(records).await;
         match appended {
             Ok(()) => Ok(()),
             Err(AppendError::NotWritten(e)) => {
@@ -310,5 +283,26 @@ impl Queue {
             }
         }
         result.map_err(|e| QueueError::Storage(e.to_string()))
+    }
+}
+
+impl Inner {
+    /// Hands calls to the appender and waits for its answer: in `fsync` mode for at most
+    /// [`commit::FLUSH_WAIT_LIMIT`], since after an I/O error (a full disk, say) sled's flush
+    /// can wait forever, and a request must get an error in bounded time rather than hang.
+    async fn appended_in_time(&self, records: Vec<Vec<u8>>) -> Result<(), AppendError> {
+        let appended = self.appender.append(records);
+        match self.durability {
+            Durability::Fsync => tokio::time::timeout(commit::FLUSH_WAIT_LIMIT, appended)
+                .await
+                .unwrap_or_else(|_| {
+                    // If the calls turn out not written, the appender gives their bytes back.
+                    Err(AppendError::NotDurable(Arc::from(format!(
+                        "no answer within {} s",
+                        commit::FLUSH_WAIT_LIMIT.as_secs()
+                    ))))
+                }),
+            Durability::Interval => appended.await,
+        }
     }
 }

@@ -35,45 +35,16 @@ impl Queue {
             .flush_every_ms(None)
             .open()?;
         let meta = db.open_tree(META_TREE)?;
-        match meta.get(FORMAT_KEY)?.as_deref() {
-            Some([v]) if *v > DB_FORMAT => return Err(QueueError::NewerFormat(*v)),
-            Some([v]) if *v < DB_FORMAT => return Err(QueueError::OlderFormat(*v)),
-            Some(_) => {}
-            None => {
-                meta.insert(FORMAT_KEY, &[DB_FORMAT])?;
-            }
-        }
+        check_format(&meta)?;
         let tree = db.open_tree(QUEUE_TREE)?;
         let rejected = db.open_tree(REJECTED_TREE)?;
         let dead = db.open_tree(DEAD_TREE)?;
         let mut books = read_books(&tree)?;
-        let mut next_id = match tree.scan_prefix([CHUNK_PREFIX]).next_back() {
-            Some(item) => decode_chunk_key(&item?.0)?.end(),
-            None => 0,
-        }
-        .max(books.counters.next_id_floor);
         let watermark_path = path.join(WATERMARK_FILE);
         let (watermark, durable_before) = Watermark::open(&watermark_path).map_err(|e| {
             QueueError::Storage(format!("cannot open {}: {e}", watermark_path.display()))
         })?;
-        if let Some(durable) = durable_before.filter(|&durable| durable > next_id) {
-            // sled recovered less than it had made durable: damage on disk cut its log short.
-            let lost = durable - next_id;
-            tracing::error!(
-                lost_calls = lost,
-                recovered_up_to = next_id,
-                durable_up_to = durable,
-                "the queue's database came back shorter than it was made durable: calls were lost to damage on disk"
-            );
-            *books
-                .counters
-                .dead
-                .entry("lost_on_disk".into())
-                .or_default() += lost;
-            books.counters.next_id_floor = durable;
-            tree.insert(LEDGER_KEY, encode_counters(&books.counters)?)?;
-            next_id = durable;
-        }
+        let next_id = recovered_end(&tree, &mut books, durable_before)?;
         // sled made its files and renamed its snapshot without syncing a directory; no call
         // is acknowledged before their names are durable.
         sync_names(&options.data_dir, &path).map_err(|e| {
@@ -83,8 +54,51 @@ impl Queue {
             ))
         })?;
         let budget = Arc::new(Budget::new(budget::at_open(&meta, &db)?, options.max_bytes));
-        let rejected_count = AtomicU64::new(rejected.len() as u64);
         db.flush()?;
+        let recovered = Recovered {
+            db,
+            meta,
+            tree,
+            rejected,
+            dead,
+            books,
+            next_id,
+            budget,
+            watermark,
+        };
+        recovered.start(&options)
+    }
+}
+
+/// What open found on disk, ready to take appends once the appender and committer run.
+struct Recovered {
+    db: sled::Db,
+    meta: sled::Tree,
+    tree: sled::Tree,
+    rejected: sled::Tree,
+    dead: sled::Tree,
+    books: Books,
+    /// The id the next call gets.
+    next_id: u64,
+    budget: Arc<Budget>,
+    watermark: Watermark,
+}
+
+impl Recovered {
+    /// Starts the committer and the appender, and hands out the queue.
+    fn start(self, options: &QueueOptions) -> Result<Queue, QueueError> {
+        let Recovered {
+            db,
+            meta,
+            tree,
+            rejected,
+            dead,
+            books,
+            next_id,
+            budget,
+            watermark,
+        } = self;
+        let rejected_count = AtomicU64::new(rejected.len() as u64);
         let inserted_end = Arc::new(AtomicU64::new(next_id));
         let written = inserted_end.clone();
         let before_flush = move || written.load(Ordering::SeqCst);
@@ -122,6 +136,53 @@ impl Queue {
             }),
         })
     }
+}
+
+/// Refuses a database in another format; marks a new one with this build's.
+fn check_format(meta: &sled::Tree) -> Result<(), QueueError> {
+    match meta.get(FORMAT_KEY)?.as_deref() {
+        Some([v]) if *v > DB_FORMAT => Err(QueueError::NewerFormat(*v)),
+        Some([v]) if *v < DB_FORMAT => Err(QueueError::OlderFormat(*v)),
+        Some(_) => Ok(()),
+        None => {
+            meta.insert(FORMAT_KEY, &[DB_FORMAT])?;
+            Ok(())
+        }
+    }
+}
+
+/// The id the next call gets: past the last stored chunk and every id ever settled, and
+/// past every id the watermark says was made durable. Ids durable but not recovered were
+/// lost to damage on disk: they are counted dead as `lost_on_disk`, so the books still add up.
+fn recovered_end(
+    tree: &sled::Tree,
+    books: &mut Books,
+    durable_before: Option<u64>,
+) -> Result<u64, QueueError> {
+    let next_id = match tree.scan_prefix([CHUNK_PREFIX]).next_back() {
+        Some(item) => decode_chunk_key(&item?.0)?.end(),
+        None => 0,
+    }
+    .max(books.counters.next_id_floor);
+    let Some(durable) = durable_before.filter(|&durable| durable > next_id) else {
+        return Ok(next_id);
+    };
+    // sled recovered less than it had made durable: damage on disk cut its log short.
+    let lost = durable - next_id;
+    tracing::error!(
+        lost_calls = lost,
+        recovered_up_to = next_id,
+        durable_up_to = durable,
+        "the queue's database came back shorter than it was made durable: calls were lost to damage on disk"
+    );
+    *books
+        .counters
+        .dead
+        .entry("lost_on_disk".into())
+        .or_default() += lost;
+    books.counters.next_id_floor = durable;
+    tree.insert(LEDGER_KEY, encode_counters(&books.counters)?)?;
+    Ok(durable)
 }
 
 /// The counters and the done-bits as stored.
