@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::{exchange, get, on_disk, post, Daemon, Response};
+use common::{batch, exchange, get, group, on_disk, post, Daemon, Response};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use serde_json::{json, Value};
@@ -94,10 +94,6 @@ fn gzip_zeros(n: usize) -> Vec<u8> {
         left -= take;
     }
     encoder.finish().unwrap()
-}
-
-fn group(user_id: &str) -> String {
-    format!(r#"{{"type":"group","userId":"{user_id}","groupId":"g"}}"#)
 }
 
 /// Wraps a stream so that a write the server cut short (it answered and closed without
@@ -193,7 +189,7 @@ fn assert_error(response: &Response, status: u16, code: &str, what: &str) {
 #[tokio::test]
 async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     let long_id = "m".repeat(100);
-    let ten_thousand = format!(r#"{{"batch":[{}]}}"#, vec![group("u"); 10_000].join(","));
+    let ten_thousand = batch(vec![group("u"); 10_000]);
     let two_mb = vec![b' '; 2 << 20];
     let nested = format!(
         r#"{{"userId":"u","context":{{"x":{}{}}}}}"#,
@@ -211,11 +207,11 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         if i > 0 {
             too_many.push(',');
         }
-        too_many.push_str(&group(&format!("u{i}")));
+        too_many.push_str(&group(format!("u{i}")).to_string());
     }
     too_many.push_str("]}");
     // Valid JSON, padded with spaces past the limit.
-    let mut oversize = format!(r#"{{"batch":[{}]}}"#, group("u")).into_bytes();
+    let mut oversize = batch([group("u")]).into_bytes();
     oversize.resize(LIMIT + 1, b' ');
     // The same, chunked: only reading the body can tell it is too large.
     let mut chunked = Vec::new();
@@ -231,11 +227,11 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     let member = gzip_zeros(16 << 20);
     let big_bomb = member.repeat(32);
     assert!(big_bomb.len() < LIMIT, "the big bomb itself fits the limit");
-    let mut bad_utf8 = format!(r#"{{"batch":[{}]}}"#, group("u")).into_bytes();
+    let mut bad_utf8 = batch([group("u")]).into_bytes();
     let at = bad_utf8.iter().position(|&b| b == b'u').unwrap();
     bad_utf8.splice(at..at, [0xff, 0xfe]);
 
-    let valid_batch = format!(r#"{{"batch":[{}]}}"#, group("u"));
+    let valid_batch = batch([group("u")]);
     let cases = vec![
         // The body as JSON.
         case(
@@ -939,12 +935,12 @@ async fn odd_but_valid_calls_are_accepted() {
 async fn broken_http_is_answered_and_harms_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), &[]);
-    let ok = send(&daemon, &keyed("/v1/group", &group("before"))).await;
+    let ok = send(&daemon, &keyed("/v1/group", &group("before").to_string())).await;
     assert_eq!(ok.status, 200);
 
     // Body shorter than its Content-Length: the client half-closes after half of it.
     let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
-    let body = group("short");
+    let body = group("short").to_string();
     let head = format!(
         "POST /v1/group HTTP/1.1\r\nHost: x\r\n{}\r\nContent-Length: {}\r\n\r\n",
         basic_auth(),
@@ -967,28 +963,25 @@ async fn broken_http_is_answered_and_harms_nothing() {
     let headers: Vec<String> = (0..2_000)
         .map(|i| format!("X-Filler-{i}: {}", "a".repeat(40)))
         .collect();
+    let h = group("h").to_string();
     let mut with_headers = headers.clone();
     with_headers.push(basic_auth());
-    with_headers.push(format!("Content-Length: {}", group("h").len()));
+    with_headers.push(format!("Content-Length: {}", h.len()));
     let response = send(
         &daemon,
-        &raw("POST", "/v1/group", &with_headers, group("h").as_bytes()),
+        &raw("POST", "/v1/group", &with_headers, h.as_bytes()),
     )
     .await;
     assert_eq!(response.status, 431);
     let one_big = vec![
         format!("X-Big: {}", "a".repeat(100_000)),
         basic_auth(),
-        format!("Content-Length: {}", group("h").len()),
+        format!("Content-Length: {}", h.len()),
     ];
-    let response = send(
-        &daemon,
-        &raw("POST", "/v1/group", &one_big, group("h").as_bytes()),
-    )
-    .await;
+    let response = send(&daemon, &raw("POST", "/v1/group", &one_big, h.as_bytes())).await;
     assert_error(&response, 431, "headers_too_large", "one 100 KB header");
 
-    let ok = send(&daemon, &keyed("/v1/group", &group("after"))).await;
+    let ok = send(&daemon, &keyed("/v1/group", &group("after").to_string())).await;
     assert_eq!(ok.status, 200);
     assert!(daemon.terminate().success());
     let disk = on_disk(dir.path()).await;

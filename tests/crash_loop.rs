@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{post, Daemon, Reply, Upstream};
+use common::{batch, call, post, Daemon, Reply, Upstream};
 use grouprelay::queue::{Queue, QueueOptions};
 
 const ROUNDS: usize = 5;
@@ -33,10 +33,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn call(id: &str) -> String {
-    format!(r#"{{"type":"group","userId":"u-{id}","groupId":"g","messageId":"{id}"}}"#)
 }
 
 /// Checks the counters of a stopped daemon's queue against what the queue holds, and
@@ -118,11 +114,9 @@ async fn acknowledged_calls_survive_a_crash_loop_and_the_books_balance() {
                                 .collect()
                         };
                         let request = if ids.len() == 1 {
-                            post("/v1/group", None, call(&ids[0]).as_bytes())
+                            post("/v1/group", None, &call(&ids[0]).bytes())
                         } else {
-                            let calls: Vec<String> = ids.iter().map(|id| call(id)).collect();
-                            let body = format!(r#"{{"batch":[{}]}}"#, calls.join(","));
-                            post("/v1/batch", None, body.as_bytes())
+                            post("/v1/batch", None, batch(ids.iter().map(call)).as_bytes())
                         };
                         let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
                             return;

@@ -7,13 +7,15 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{get, on_disk, post, run_to_exit, send_unix, Daemon};
+use common::{call, get, group, message_ids, on_disk, post, run_to_exit, send_unix, Daemon};
+use serde_json::json;
 
+/// A call as a client sends it to `/v1/group`: no `type`, the path names it.
 fn group_call(id: &str) -> Vec<u8> {
-    format!(
-        r#"{{"userId":"u-{id}","groupId":"g","messageId":"{id}","traits":{{"name":"Acme","plan":null}}}}"#
-    )
-    .into_bytes()
+    call(id)
+        .untyped()
+        .traits(json!({"name": "Acme", "plan": null}))
+        .bytes()
 }
 
 /// 8 writers send concurrently; the daemon is killed with SIGKILL once a (varying) number of
@@ -61,11 +63,7 @@ async fn kill_9_never_loses_an_acknowledged_call() {
         }
         acknowledged.extend(acked.lock().unwrap().drain(..));
         let disk = on_disk(dir.path()).await;
-        let queued: HashSet<String> = disk
-            .call_json()
-            .iter()
-            .map(|c| c["messageId"].as_str().unwrap().to_owned())
-            .collect();
+        let queued: HashSet<String> = message_ids(&disk.call_json()).into_iter().collect();
         let lost: Vec<_> = acknowledged.difference(&queued).collect();
         assert!(
             lost.is_empty(),
@@ -82,7 +80,7 @@ async fn sigterm_finishes_cleanly_and_keeps_the_calls() {
     let daemon = Daemon::start(dir.path(), &[]);
     let health = daemon.send(&get("/health")).await;
     assert_eq!(health.status, 200);
-    assert_eq!(health.json(), serde_json::json!({"status": "ok"}));
+    assert_eq!(health.json(), json!({"status": "ok"}));
     for i in 0..10 {
         let response = daemon
             .send(&post("/v1/group", Some("K"), &group_call(&format!("m{i}"))))
@@ -341,14 +339,11 @@ async fn a_full_disk_answers_503_keeps_serving_and_keeps_what_was_acknowledged()
     let data = disk.path.join("data");
     // A queue limit far above the disk: the disk fills first.
     let daemon = Daemon::start(&data, &["--write-key", "K"]);
-    let pad = "x".repeat(20_000);
     let mut acknowledged = Vec::new();
     let refusal = loop {
         let id = format!("m{}", acknowledged.len());
-        let body = format!(
-            r#"{{"userId":"u","groupId":"g","messageId":"{id}","traits":{{"pad":"{pad}"}}}}"#
-        );
-        let response = daemon.send(&post("/v1/group", None, body.as_bytes())).await;
+        let body = group("u").untyped().id(&id).pad(20_000).bytes();
+        let response = daemon.send(&post("/v1/group", None, &body)).await;
         if response.status != 200 {
             break response;
         }
@@ -392,13 +387,14 @@ async fn below_the_free_space_floor_calls_get_429_until_space_returns() {
         &data,
         &["--write-key", "K", "--min-free-disk-bytes", "40000000"],
     );
-    let pad = "x".repeat(20_000);
     let mut accepted = 0;
     let refusal = loop {
-        let body = format!(
-            r#"{{"userId":"u","groupId":"g","messageId":"m{accepted}","traits":{{"pad":"{pad}"}}}}"#
-        );
-        let response = daemon.send(&post("/v1/group", None, body.as_bytes())).await;
+        let body = group("u")
+            .untyped()
+            .id(format!("m{accepted}"))
+            .pad(20_000)
+            .bytes();
+        let response = daemon.send(&post("/v1/group", None, &body)).await;
         if response.status != 200 {
             break response;
         }
@@ -435,10 +431,9 @@ async fn below_the_free_space_floor_calls_get_429_until_space_returns() {
 async fn damage_on_disk_is_counted_and_logged_never_silent() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), &["--write-key", "K"]);
-    let pad = "x".repeat(300);
     for i in 0..200 {
-        let call = format!(r#"{{"userId":"u{i}","groupId":"g","traits":{{"pad":"{pad}"}}}}"#);
-        let response = daemon.send(&post("/v1/group", None, call.as_bytes())).await;
+        let call = group(format!("u{i}")).untyped().pad(300).bytes();
+        let response = daemon.send(&post("/v1/group", None, &call)).await;
         assert_eq!(response.status, 200);
     }
     assert!(daemon.terminate().success());

@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{get, post, Daemon, Reply, Upstream};
+use common::{batch, get, numbered, post, Daemon, Reply, Upstream};
+use serde_json::json;
 
 const CALLS: usize = 200_000;
 const PER_REQUEST: usize = 500;
@@ -53,14 +54,11 @@ async fn a_long_outage_delivers_everything_after_and_memory_stays_flat() {
     let pad = "x".repeat(560);
     let mut samples = Vec::new();
     for first in (0..CALLS).step_by(PER_REQUEST) {
-        let calls: Vec<String> = (first..first + PER_REQUEST)
-            .map(|i| {
-                format!(
-                    r#"{{"type":"group","userId":"u{i}","groupId":"g","messageId":"m{i}","traits":{{"name":"Initech","plan":"enterprise","employees":329,"note":"{pad}"}}}}"#
-                )
-            })
-            .collect();
-        let body = format!(r#"{{"batch":[{}]}}"#, calls.join(","));
+        let body = batch((first..first + PER_REQUEST).map(|i| {
+            numbered(i).traits(
+                json!({"name": "Initech", "plan": "enterprise", "employees": 329, "note": pad}),
+            )
+        }));
         let response = daemon.send(&post("/v1/batch", None, body.as_bytes())).await;
         assert_eq!(
             response.status,

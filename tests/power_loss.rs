@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{post, Daemon, Reply, Upstream};
+use common::{batch, post, Daemon, Group, Reply, Upstream};
 use grouprelay::queue::{Queue, QueueOptions};
 use powercut::{PowerCut, Variation};
 use tokio::time::Instant;
@@ -113,13 +113,12 @@ fn cuts_per_scenario() -> u64 {
 }
 
 /// A call whose id says whether upstream will refuse it (`bad-`).
-fn call(id: &str, big: bool) -> String {
-    let traits = if big {
-        format!(r#","traits":{{"blob":"{}"}}"#, "x".repeat(BIG_TRAIT))
-    } else {
-        String::new()
-    };
-    format!(r#"{{"type":"group","userId":"u-{id}","groupId":"g","messageId":"{id}"{traits}}}"#)
+fn call(id: &str, big: bool) -> Group {
+    let call = common::call(id);
+    match big {
+        true => call.traits(serde_json::json!({ "blob": "x".repeat(BIG_TRAIT) })),
+        false => call,
+    }
 }
 
 fn message_ids(calls: &[serde_json::Value]) -> impl Iterator<Item = &str> {
@@ -174,10 +173,9 @@ impl Writers {
                             })
                             .collect();
                         let request = if count == 1 {
-                            post("/v1/group", None, call(&ids[0], big).as_bytes())
+                            post("/v1/group", None, &call(&ids[0], big).bytes())
                         } else {
-                            let calls: Vec<String> = ids.iter().map(|id| call(id, big)).collect();
-                            let body = format!(r#"{{"batch":[{}]}}"#, calls.join(","));
+                            let body = batch(ids.iter().map(|id| call(id, big)));
                             post("/v1/batch", None, body.as_bytes())
                         };
                         let answer = if w % 2 == 0 {

@@ -1,7 +1,10 @@
 //! The queue's guarantees, tested as properties on a real sled database in a temp dir.
 
+mod common;
+
 use std::future::Future;
 
+use common::numbered;
 use grouprelay::queue::keys::chunk_key;
 use grouprelay::queue::{Durability, Queue, QueueError, QueueOptions};
 
@@ -44,7 +47,7 @@ async fn sled_open_again(path: std::path::PathBuf) -> sled::Db {
 }
 
 fn call(i: usize) -> Vec<u8> {
-    format!(r#"{{"type":"group","userId":"u{i}","groupId":"g","messageId":"m{i}"}}"#).into_bytes()
+    numbered(i).bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,11 @@
 //! call twice changing nothing; `accepted = delivered + dead + pending`; and stored bytes that
 //! are exactly the live chunks plus the dead letters.
 
+mod common;
+
 use std::collections::BTreeMap;
+
+use common::numbered;
 
 use grouprelay::queue::{
     ChunkRef, DeadReason, Durability, Queue, QueueError, QueueOptions, QueuedCall,
@@ -154,15 +158,12 @@ struct Model {
 
 impl Model {
     fn make_call(&mut self, pad: usize) -> Vec<u8> {
-        let n = self.calls_made;
+        let call = numbered(self.calls_made);
         self.calls_made += 1;
-        let traits = if pad == 0 {
-            String::new()
-        } else {
-            format!(r#","traits":{{"pad":"{}"}}"#, "x".repeat(pad))
-        };
-        format!(r#"{{"type":"group","userId":"u{n}","groupId":"g","messageId":"m{n}"{traits}}}"#)
-            .into_bytes()
+        match pad {
+            0 => call.bytes(),
+            pad => call.pad(pad).bytes(),
+        }
     }
 
     /// The calls a pick hands the queue, given the pending calls as the queue read them.

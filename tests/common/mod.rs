@@ -1,15 +1,19 @@
 //! Test helpers, one file a concept, all re-exported here for `common::…`: the real daemon,
-//! a raw HTTP client, a stand-in upstream, the queue on disk, and seeds.
+//! a raw HTTP client, a stand-in upstream, the calls tests send, the queue on disk, and
+//! seeds.
 // Each test binary compiles these helpers anew and uses only some of them: what one binary
 // leaves unused is not dead, and its re-export not unused.
 #![allow(dead_code)]
 
+mod calls;
 mod daemon;
 mod disk;
 mod http;
 mod seed;
 mod upstream;
 
+#[allow(unused_imports)]
+pub use calls::{batch, call, group, message_ids, numbered, Group};
 #[allow(unused_imports)]
 pub use daemon::{run_to_exit, Daemon, Log, BIN};
 #[allow(unused_imports)]
