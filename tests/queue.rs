@@ -4,47 +4,9 @@ mod common;
 
 use std::future::Future;
 
-use common::numbered;
+use common::{numbered, open_again, sled_open_again};
 use grouprelay::queue::keys::chunk_key;
 use grouprelay::queue::{Durability, Queue, QueueError, QueueOptions};
-
-/// Opens a queue this process closed a moment ago. sled's own I/O threads can hold the
-/// database file, and its lock, briefly after `close` and drop (about one open in 200 found
-/// it held); a new process never meets this, as a process's locks go with it.
-async fn open_again(options: QueueOptions) -> Queue {
-    try_open_again(options).await.unwrap()
-}
-
-/// [`open_again`], for a test that expects the open to fail.
-async fn try_open_again(options: QueueOptions) -> Result<Queue, QueueError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Queue::open(options.clone()) {
-            Err(QueueError::Storage(e))
-                if e.contains("could not acquire lock") && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            result => return result,
-        }
-    }
-}
-
-/// `sled::open` on a database this process closed a moment ago (see `open_again`).
-async fn sled_open_again(path: std::path::PathBuf) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match sled::open(&path) {
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            result => return result.unwrap(),
-        }
-    }
-}
 
 fn call(i: usize) -> Vec<u8> {
     numbered(i).bytes()
@@ -95,7 +57,7 @@ async fn calls_survive_reopen_and_leave_only_when_removed() {
     queue.close().await.unwrap();
     drop(queue);
 
-    let queue = open_again(QueueOptions::new(dir.path())).await;
+    let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
     let calls = queue.read(0, usize::MAX).unwrap();
     assert_eq!(calls.len(), 5);
     assert_eq!(calls[0].record.write_key, "key-a");
@@ -107,7 +69,7 @@ async fn calls_survive_reopen_and_leave_only_when_removed() {
     queue.close().await.unwrap();
     drop(queue);
 
-    let queue = open_again(QueueOptions::new(dir.path())).await;
+    let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
     let calls = queue.read(0, usize::MAX).unwrap();
     let ids: Vec<_> = calls
         .iter()
@@ -173,7 +135,7 @@ async fn interval_mode_acknowledges_before_the_flush_and_still_persists_on_close
     );
     queue.close().await.unwrap();
     drop(queue);
-    let queue = open_again(options).await;
+    let queue = open_again(options).await.unwrap();
     assert_eq!(queue.read(0, usize::MAX).unwrap().len(), 20);
     queue.close().await.unwrap();
 }
@@ -229,7 +191,7 @@ async fn a_newer_format_is_refused() {
             .unwrap();
         db.flush().unwrap();
     }
-    match try_open_again(QueueOptions::new(dir.path())).await {
+    match open_again(QueueOptions::new(dir.path())).await {
         Err(QueueError::NewerFormat(9)) => {}
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a newer format was opened"),
@@ -286,7 +248,7 @@ async fn calls_are_handed_out_only_once_durable() {
     assert!(queue.read(0, 10).unwrap().is_empty());
     queue.close().await.unwrap();
     drop(queue);
-    let queue = open_again(options).await;
+    let queue = open_again(options).await.unwrap();
     assert_eq!(queue.read(0, 10).unwrap().len(), 1);
     queue.close().await.unwrap();
 }
@@ -303,13 +265,13 @@ async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
     drop(queue);
     {
         // Damage the middle chunk on disk.
-        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
+        let db = sled_open_again(&dir.path().join(grouprelay::queue::DB_DIR)).await;
         let tree = db.open_tree("queue").unwrap();
         let old = tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
         assert!(old.is_some(), "the chunk layout changed; fix this test");
         db.flush().unwrap();
     }
-    let queue = open_again(QueueOptions::new(dir.path())).await;
+    let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
     let read = queue.read(0, 10).unwrap();
     let ids: Vec<u64> = read.iter().map(|c| c.id).collect();
     assert_eq!(ids, [0, 2]);
@@ -320,7 +282,7 @@ async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
     assert_eq!(counts.pending, 2);
     queue.close().await.unwrap();
     drop(queue);
-    let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
+    let db = sled_open_again(&dir.path().join(grouprelay::queue::DB_DIR)).await;
     let quarantined = db
         .open_tree("quarantine")
         .unwrap()
@@ -443,14 +405,14 @@ async fn a_damaged_chunk_read_by_two_at_once_is_counted_once() {
     queue.close().await.unwrap();
     drop(queue);
     {
-        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
+        let db = sled_open_again(&dir.path().join(grouprelay::queue::DB_DIR)).await;
         let tree = db.open_tree("queue").unwrap();
         tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
         db.flush().unwrap();
     }
     for _ in 0..20 {
         // Fresh copies of the damaged database, so each round races anew.
-        let queue = open_again(QueueOptions::new(dir.path())).await;
+        let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
         let readers: Vec<_> = (0..2)
             .map(|_| {
@@ -470,7 +432,7 @@ async fn a_damaged_chunk_read_by_two_at_once_is_counted_once() {
         queue.close().await.unwrap();
         drop(queue);
         // Put the damaged chunk back for the next round.
-        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
+        let db = sled_open_again(&dir.path().join(grouprelay::queue::DB_DIR)).await;
         let tree = db.open_tree("queue").unwrap();
         tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
         let ledger = tree.remove(b"l").unwrap();

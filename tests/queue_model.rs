@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::numbered;
+use common::{numbered, open_again};
 
 use grouprelay::queue::{
     ChunkRef, DeadReason, Durability, Queue, QueueError, QueueOptions, QueuedCall,
@@ -344,23 +344,11 @@ fn options(dir: &std::path::Path) -> QueueOptions {
     }
 }
 
-/// Opens the queue, waiting out sled's file lock: after `close` and drop, a job on sled's I/O
-/// threadpool (or its truncation thread) can still hold the database file, and with it the
-/// lock, for a moment, so that an open right away in the same process fails with "could not
-/// acquire lock" (seen about once in 200 runs). A new process never meets this: a process's
-/// locks go with it.
+/// Opens the queue, waiting out sled's file lock (see `common::open_again`).
 async fn open(dir: &std::path::Path) -> Result<Queue, TestCaseError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Queue::open(options(dir)) {
-            Err(QueueError::Storage(e))
-                if e.contains("could not acquire lock") && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            result => return result.map_err(|e| queue_error("open", e)),
-        }
-    }
+    open_again(options(dir))
+        .await
+        .map_err(|e| queue_error("open", e))
 }
 
 /// Closes the queue, checks it refuses appends and still reads, and opens it again.

@@ -1,8 +1,11 @@
-//! The queue on disk, opened by the test itself: what a stopped daemon left.
+//! The queue on disk, opened by the test itself: what a stopped daemon left, and an open that
+//! waits out sled's file lock for a queue this process closed a moment ago.
 
+use std::fmt::Display;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use grouprelay::queue::{CallRecord, DeadRecord, Queue, QueueOptions, RejectedRecord};
+use grouprelay::queue::{CallRecord, DeadRecord, Queue, QueueError, QueueOptions, RejectedRecord};
 
 /// What a stopped daemon left on disk: the queued calls in order, the rejected ones and the
 /// dead letters.
@@ -38,5 +41,34 @@ pub async fn on_disk(data_dir: &Path) -> OnDisk {
         calls,
         rejected,
         dead,
+    }
+}
+
+/// Opens a queue this process closed a moment ago. sled's own I/O threads (or its truncation
+/// thread) can hold the database file, and its lock, briefly after `close` and drop, so that
+/// an open right away fails with "could not acquire lock" (about one open in 200). A new
+/// process never meets this: a process's locks go with it.
+pub async fn open_again(options: QueueOptions) -> Result<Queue, QueueError> {
+    past_the_lock(|| Queue::open(options.clone())).await
+}
+
+/// `sled::open` on a database this process closed a moment ago (see [`open_again`]).
+pub async fn sled_open_again(path: &Path) -> sled::Db {
+    past_the_lock(|| sled::open(path)).await.unwrap()
+}
+
+/// Runs `open` again while it fails on sled's file lock, for at most 10 s.
+async fn past_the_lock<T, E: Display>(mut open: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match open() {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            result => return result,
+        }
     }
 }

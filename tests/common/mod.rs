@@ -17,7 +17,7 @@ pub use calls::{batch, call, group, message_ids, numbered, Group};
 #[allow(unused_imports)]
 pub use daemon::{run_to_exit, Daemon, Log, BIN};
 #[allow(unused_imports)]
-pub use disk::{on_disk, OnDisk};
+pub use disk::{on_disk, open_again, sled_open_again, OnDisk};
 #[allow(unused_imports)]
 pub use http::{exchange, get, post, send_tcp, send_unix, Response};
 #[allow(unused_imports)]
