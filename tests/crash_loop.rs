@@ -10,8 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{batch, call, post, Daemon, Reply, Upstream};
-use grouprelay::queue::{Queue, QueueOptions};
+use common::{batch, books, call, post, Daemon, Reply, Upstream};
 
 const ROUNDS: usize = 5;
 const WRITERS: usize = 8;
@@ -38,31 +37,13 @@ impl Rng {
 /// Checks the counters of a stopped daemon's queue against what the queue holds, and
 /// returns them.
 async fn check_books(data_dir: &Path, round: usize) -> grouprelay::queue::Counts {
-    let queue = Queue::open(QueueOptions::new(data_dir)).expect("open queue");
-    let counts = queue.counts();
-    let pending = queue.read(0, usize::MAX).expect("read queue");
-    let dead: u64 = counts.dead.values().sum();
-    assert_eq!(
-        counts.pending,
-        pending.len() as u64,
-        "round {round}: the counters say {} pending, the queue holds {}",
-        counts.pending,
-        pending.len()
-    );
-    assert_eq!(
-        counts.accepted,
-        counts.delivered + dead + counts.pending,
-        "round {round}: {counts:?}"
-    );
+    let books = books(data_dir).await;
     // The byte count a restart starts from is what the database holds (a crash leaves no
     // clean-close mark, so it is counted again; a count carried over would drift).
-    assert_eq!(
-        queue.stored_bytes(),
-        queue.recount_stored_bytes().unwrap(),
-        "round {round}: stored bytes"
-    );
-    queue.close().await.expect("close queue");
-    counts
+    for check in [books.balance(), books.bytes_agree()] {
+        check.unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    books.counts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,21 +9,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
 use common::{batch, call, message_ids, post, Daemon, Reply, Upstream};
-use grouprelay::queue::{Counts, Queue, QueueOptions};
+use grouprelay::queue::Counts;
 
+/// The books of a stopped daemon's queue, checked to balance: its counters, and the calls
+/// it holds.
 async fn books(data_dir: &Path) -> (Counts, usize) {
-    let queue = Queue::open(QueueOptions::new(data_dir)).expect("open queue");
-    let counts = queue.counts();
-    let pending = queue.read(0, usize::MAX).expect("read").len();
-    queue.close().await.expect("close");
-    let dead: u64 = counts.dead.values().sum();
-    assert_eq!(
-        counts.accepted,
-        counts.delivered + dead + counts.pending,
-        "{counts:?}"
-    );
-    assert_eq!(counts.pending, pending as u64, "{counts:?}");
-    (counts, pending)
+    let books = common::books(data_dir).await;
+    books.balance().unwrap();
+    (books.counts, books.pending as usize)
 }
 
 /// Delivers what is queued to a stand-in that takes everything, and returns the distinct

@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{batch, post, Daemon, Group, Reply, Upstream};
-use grouprelay::queue::{Queue, QueueOptions};
+use common::{batch, post, stopped_queue, Books, Daemon, Group, Reply, Upstream};
 use powercut::{PowerCut, Variation};
 use tokio::time::Instant;
 
@@ -470,42 +469,27 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
 }
 
 /// Opens the queue left by a stopped daemon: the dead letters' ids, and whether the books
-/// balance and the stored-bytes count equals a recount.
+/// balance, nothing is pending after the drain, and the stored-bytes count equals a recount.
 async fn read_books(data_dir: &Path) -> (HashSet<String>, Result<(), String>) {
-    let queue = Queue::open(QueueOptions::new(data_dir)).expect("open the queue after the drain");
-    let counts = queue.counts();
-    let pending = queue.read(0, usize::MAX).expect("read queue").len() as u64;
-    let dead: HashSet<String> = queue
-        .dead()
-        .expect("read dead letters")
-        .iter()
-        .filter_map(|d| {
-            serde_json::from_str::<serde_json::Value>(d.call.get())
-                .ok()
-                .and_then(|c| c["messageId"].as_str().map(str::to_owned))
-        })
-        .collect();
-    let dead_total: u64 = counts.dead.values().sum();
-    let stored = queue.stored_bytes();
-    let recount = queue.recount_stored_bytes().expect("recount");
-    queue.close().await.expect("close queue");
-    let books = if counts.pending != pending {
-        Err(format!(
-            "the counters say {} pending, the queue holds {pending}",
-            counts.pending
-        ))
-    } else if counts.accepted != counts.delivered + dead_total + counts.pending {
-        Err(format!("the books do not balance: {counts:?}"))
-    } else if pending != 0 {
-        Err(format!("{pending} calls still pending after the drain"))
-    } else if stored != recount {
-        Err(format!(
-            "stored_bytes {stored} but a recount finds {recount}"
-        ))
-    } else {
-        Ok(())
-    };
-    (dead, books)
+    let (dead, books) = stopped_queue(data_dir, |queue| {
+        let dead: HashSet<String> = queue
+            .dead()
+            .expect("read dead letters")
+            .iter()
+            .filter_map(|d| {
+                serde_json::from_str::<serde_json::Value>(d.call.get())
+                    .ok()
+                    .and_then(|c| c["messageId"].as_str().map(str::to_owned))
+            })
+            .collect();
+        (dead, Books::of(queue))
+    })
+    .await;
+    let checked = books.balance().and_then(|()| match books.pending {
+        0 => books.bytes_agree(),
+        pending => Err(format!("{pending} calls still pending after the drain")),
+    });
+    (dead, checked)
 }
 
 /// Runs `cuts` cuts of `scenario` and returns what each showed.

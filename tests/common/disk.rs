@@ -27,21 +27,26 @@ impl OnDisk {
 
 /// Opens the queue of a daemon that is no longer running and reads everything in it.
 pub async fn on_disk(data_dir: &Path) -> OnDisk {
+    stopped_queue(data_dir, |queue| OnDisk {
+        calls: queue
+            .read(0, usize::MAX)
+            .expect("read queue")
+            .into_iter()
+            .map(|c| c.record)
+            .collect(),
+        rejected: queue.rejected().expect("read rejected"),
+        dead: queue.dead().expect("read dead letters"),
+    })
+    .await
+}
+
+/// Opens the queue of a daemon that is no longer running, reads it with `read`, and closes
+/// it again.
+pub async fn stopped_queue<T>(data_dir: &Path, read: impl FnOnce(&Queue) -> T) -> T {
     let queue = Queue::open(QueueOptions::new(data_dir)).expect("open queue");
-    let calls = queue
-        .read(0, usize::MAX)
-        .expect("read queue")
-        .into_iter()
-        .map(|c| c.record)
-        .collect();
-    let rejected = queue.rejected().expect("read rejected");
-    let dead = queue.dead().expect("read dead letters");
+    let out = read(&queue);
     queue.close().await.expect("close queue");
-    OnDisk {
-        calls,
-        rejected,
-        dead,
-    }
+    out
 }
 
 /// Opens a queue this process closed a moment ago. sled's own I/O threads (or its truncation

@@ -1,10 +1,11 @@
 //! Test helpers, one file a concept, all re-exported here for `common::…`: the real daemon,
-//! a raw HTTP client, a stand-in upstream, the calls tests send, the queue on disk, and
-//! seeds.
+//! a raw HTTP client, a stand-in upstream, the calls tests send, the queue on disk and its
+//! books, and seeds.
 // Each test binary compiles these helpers anew and uses only some of them: what one binary
 // leaves unused is not dead, and its re-export not unused.
 #![allow(dead_code)]
 
+mod books;
 mod calls;
 mod daemon;
 mod disk;
@@ -13,11 +14,13 @@ mod seed;
 mod upstream;
 
 #[allow(unused_imports)]
+pub use books::{balanced, books, Books};
+#[allow(unused_imports)]
 pub use calls::{batch, call, group, message_ids, numbered, Group};
 #[allow(unused_imports)]
 pub use daemon::{run_to_exit, Daemon, Log, BIN};
 #[allow(unused_imports)]
-pub use disk::{on_disk, open_again, sled_open_again, OnDisk};
+pub use disk::{on_disk, open_again, sled_open_again, stopped_queue, OnDisk};
 #[allow(unused_imports)]
 pub use http::{exchange, get, post, send_tcp, send_unix, Response};
 #[allow(unused_imports)]
