@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::{batch, exchange, get, group, on_disk, post, Daemon, Response};
+use common::{batch, exchange, get, group, on_disk, peak_rss, post, Daemon, Response};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use serde_json::{json, Value};
@@ -144,21 +144,6 @@ async fn send(daemon: &Daemon, request: &[u8]) -> Response {
     .await
     .expect("an answer within 20 s")
     .expect("HTTP exchange")
-}
-
-/// The daemon's peak resident memory, in bytes.
-fn peak_rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmHWM kB");
-    kb * 1024
 }
 
 fn assert_json_content_type(response: &Response, what: &str) {

@@ -8,23 +8,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{batch, get, numbered, post, Daemon, Reply, Upstream};
+use common::{batch, get, numbered, post, rss, Daemon, Reply, Upstream};
 use serde_json::json;
 
 const CALLS: usize = 200_000;
 const PER_REQUEST: usize = 500;
-
-/// Resident memory of a process, in bytes.
-fn rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_delivers_everything_after_and_memory_stays_flat() {

@@ -1,6 +1,6 @@
 //! Test helpers, one file a concept, all re-exported here for `common::…`: the real daemon,
 //! a raw HTTP client, a stand-in upstream, the calls tests send, the queue on disk and its
-//! books, and seeds.
+//! books, `/proc`, and seeds.
 // Each test binary compiles these helpers anew and uses only some of them: what one binary
 // leaves unused is not dead, and its re-export not unused.
 #![allow(dead_code)]
@@ -10,6 +10,7 @@ mod calls;
 mod daemon;
 mod disk;
 mod http;
+mod proc;
 mod seed;
 mod upstream;
 
@@ -23,6 +24,8 @@ pub use daemon::{run_to_exit, Daemon, Log, BIN};
 pub use disk::{on_disk, open_again, sled_open_again, stopped_queue, OnDisk};
 #[allow(unused_imports)]
 pub use http::{exchange, get, post, send_tcp, send_unix, Response};
+#[allow(unused_imports)]
+pub use proc::{peak_rss, rss, status_bytes};
 #[allow(unused_imports)]
 pub use seed::test_seed;
 #[allow(unused_imports)]
