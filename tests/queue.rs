@@ -3,13 +3,49 @@
 mod common;
 
 use std::future::Future;
+use std::path::Path;
 
 use common::{numbered, open_again, sled_open_again};
-use grouprelay::queue::keys::chunk_key;
+use grouprelay::queue::keys::{chunk_key, LEDGER_KEY};
 use grouprelay::queue::{Durability, Queue, QueueError, QueueOptions};
 
 fn call(i: usize) -> Vec<u8> {
     numbered(i).bytes()
+}
+
+/// `interval` mode, with a flush period long enough that no periodic flush runs during a
+/// test.
+fn interval_without_flushes(dir: &Path) -> QueueOptions {
+    QueueOptions {
+        durability: Durability::Interval,
+        sync_interval: std::time::Duration::from_secs(3600),
+        ..QueueOptions::new(dir)
+    }
+}
+
+/// Bytes no chunk decodes from.
+const GARBAGE: &[u8] = b"\x07garbage";
+
+/// Writes a queue of three calls in `dir`, one request after another, so that each is its
+/// own chunk, and closes it.
+async fn three_chunks(dir: &Path) {
+    let queue = Queue::open(QueueOptions::new(dir)).unwrap();
+    for i in 0..3 {
+        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
+    }
+    queue.close().await.unwrap();
+}
+
+/// Overwrites the middle one of [`three_chunks`] with [`GARBAGE`] on disk; returns the
+/// database (not yet flushed) and what the chunk held.
+async fn damage_the_middle_chunk(dir: &Path) -> (sled::Db, Option<sled::IVec>) {
+    let db = sled_open_again(&dir.join(grouprelay::queue::DB_DIR)).await;
+    let old = db
+        .open_tree("queue")
+        .unwrap()
+        .insert(chunk_key(1, 1), GARBAGE)
+        .unwrap();
+    (db, old)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,12 +154,7 @@ async fn the_byte_limit_refuses_new_calls_and_frees_on_remove() {
 #[tokio::test]
 async fn interval_mode_acknowledges_before_the_flush_and_still_persists_on_close() {
     let dir = tempfile::tempdir().unwrap();
-    let options = QueueOptions {
-        durability: Durability::Interval,
-        // Long enough that no periodic flush runs during the test.
-        sync_interval: std::time::Duration::from_secs(3600),
-        ..QueueOptions::new(dir.path())
-    };
+    let options = interval_without_flushes(dir.path());
     let queue = Queue::open(options.clone()).unwrap();
     for i in 0..20 {
         queue.append("key", 1, &[call(i)], &[]).await.unwrap();
@@ -236,11 +267,7 @@ async fn an_fsync_append_answers_only_once_a_flush_covers_it() {
 #[tokio::test]
 async fn calls_are_handed_out_only_once_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let options = QueueOptions {
-        durability: Durability::Interval,
-        sync_interval: std::time::Duration::from_secs(3600),
-        ..QueueOptions::new(dir.path())
-    };
+    let options = interval_without_flushes(dir.path());
     let queue = Queue::open(options.clone()).unwrap();
     queue.append("key", 1, &[call(1)], &[]).await.unwrap();
     // Acknowledged in interval mode, but no flush has covered it yet: a forwarder must not
@@ -256,18 +283,9 @@ async fn calls_are_handed_out_only_once_durable() {
 #[tokio::test]
 async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
     let dir = tempfile::tempdir().unwrap();
-    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
-    // One request after another: each is its own chunk.
-    for i in 0..3 {
-        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
-    }
-    queue.close().await.unwrap();
-    drop(queue);
+    three_chunks(dir.path()).await;
     {
-        // Damage the middle chunk on disk.
-        let db = sled_open_again(&dir.path().join(grouprelay::queue::DB_DIR)).await;
-        let tree = db.open_tree("queue").unwrap();
-        let old = tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
+        let (db, old) = damage_the_middle_chunk(dir.path()).await;
         assert!(old.is_some(), "the chunk layout changed; fix this test");
         db.flush().unwrap();
     }
@@ -289,7 +307,7 @@ async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
         .get(chunk_key(1, 1))
         .unwrap()
         .expect("the damaged chunk is kept in quarantine");
-    assert!(quarantined.ends_with(b"\x07garbage"));
+    assert!(quarantined.ends_with(GARBAGE));
     assert!(db
         .open_tree("queue")
         .unwrap()
@@ -398,18 +416,8 @@ async fn dead_letters_named_twice_count_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_chunk_read_by_two_at_once_is_counted_once() {
     let dir = tempfile::tempdir().unwrap();
-    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
-    for i in 0..3 {
-        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
-    }
-    queue.close().await.unwrap();
-    drop(queue);
-    {
-        let db = sled_open_again(&dir.path().join(grouprelay::queue::DB_DIR)).await;
-        let tree = db.open_tree("queue").unwrap();
-        tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
-        db.flush().unwrap();
-    }
+    three_chunks(dir.path()).await;
+    damage_the_middle_chunk(dir.path()).await.0.flush().unwrap();
     for _ in 0..20 {
         // Fresh copies of the damaged database, so each round races anew.
         let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
@@ -432,10 +440,8 @@ async fn a_damaged_chunk_read_by_two_at_once_is_counted_once() {
         queue.close().await.unwrap();
         drop(queue);
         // Put the damaged chunk back for the next round.
-        let db = sled_open_again(&dir.path().join(grouprelay::queue::DB_DIR)).await;
-        let tree = db.open_tree("queue").unwrap();
-        tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
-        let ledger = tree.remove(b"l").unwrap();
+        let (db, _) = damage_the_middle_chunk(dir.path()).await;
+        let ledger = db.open_tree("queue").unwrap().remove(LEDGER_KEY).unwrap();
         assert!(ledger.is_some());
         db.open_tree("quarantine").unwrap().clear().unwrap();
         db.flush().unwrap();
