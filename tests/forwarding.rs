@@ -391,16 +391,7 @@ async fn sigterm_drains_partial_batches_before_exit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_takes_calls_again_once_upstream_drains_it() {
-    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let switch = healthy.clone();
-    let upstream = Upstream::start(move |_| {
-        if switch.load(Ordering::SeqCst) {
-            Reply::Status(200)
-        } else {
-            Reply::Status(503)
-        }
-    })
-    .await;
+    let (upstream, healthy) = Upstream::switched(false).await;
     let url = upstream.url();
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), &fast(&url, &["--max-queue-bytes", "20000"]));

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{batch, post, stopped_queue, Books, Daemon, Group, Reply, Upstream};
+use common::{batch, post, stopped_queue, Books, Daemon, Group, Reply, Rng, Upstream};
 use powercut::{PowerCut, Variation};
 use tokio::time::Instant;
 
@@ -87,23 +87,6 @@ struct Outcome {
     broken: Option<String>,
 }
 
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn cuts_per_scenario() -> u64 {
     std::env::var("GROUPRELAY_POWER_CUTS")
         .ok()
@@ -118,10 +101,6 @@ fn call(id: &str, big: bool) -> Group {
         true => call.traits(serde_json::json!({ "blob": "x".repeat(BIG_TRAIT) })),
         false => call,
     }
-}
-
-fn message_ids(calls: &[serde_json::Value]) -> impl Iterator<Item = &str> {
-    calls.iter().filter_map(|c| c["messageId"].as_str())
 }
 
 /// What the writers send besides single calls and small batches.
@@ -278,7 +257,12 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
     }));
     let up = upstream_up.clone();
     let upstream = Upstream::start(move |request| {
-        if message_ids(request.calls()).any(|id| id.starts_with("bad-")) {
+        let bad = |c: &serde_json::Value| {
+            c["messageId"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("bad-"))
+        };
+        if request.calls().iter().any(bad) {
             Reply::Status(400)
         } else if up.load(Ordering::SeqCst) {
             Reply::Status(200)
@@ -445,16 +429,7 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
 
     // What came back: delivered (a 2xx from upstream, before the cut or after) or kept as a
     // dead letter. And the books: counters that balance, a byte count equal to a recount.
-    let delivered: HashSet<String> = upstream
-        .requests()
-        .iter()
-        .filter(|r| (200..300).contains(&r.answered))
-        .flat_map(|r| {
-            message_ids(r.calls())
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let delivered = upstream.delivered_ids();
     let (dead, books) = read_books(&data_dir).await;
     if let Err(e) = books {
         broken = broken.or(Some(e));

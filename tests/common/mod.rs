@@ -27,6 +27,6 @@ pub use http::{exchange, get, post, send_tcp, send_unix, Response};
 #[allow(unused_imports)]
 pub use proc::{peak_rss, rss, status_bytes};
 #[allow(unused_imports)]
-pub use seed::test_seed;
+pub use seed::{test_seed, Rng};
 #[allow(unused_imports)]
-pub use upstream::{Recorded, Reply, Upstream};
+pub use upstream::{delivered_ids, Recorded, Reply, Upstream};

@@ -1,7 +1,9 @@
 //! A stand-in for Segment's API: a real hyper server on loopback that records every request
 //! and answers each from a script.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +43,11 @@ impl Recorded {
             .unwrap();
         let decoded = String::from_utf8(decoded).unwrap();
         decoded.strip_suffix(':').expect("writeKey:").to_owned()
+    }
+
+    /// Whether the stand-in took this request (answered 2xx).
+    pub fn was_delivered(&self) -> bool {
+        (200..300).contains(&self.answered)
     }
 }
 
@@ -99,6 +106,18 @@ impl Upstream {
         Upstream { addr, state, task }
     }
 
+    /// A stand-in that answers 200 while the switch it returns is on, else 503.
+    pub async fn switched(on: bool) -> (Upstream, Arc<AtomicBool>) {
+        let switch = Arc::new(AtomicBool::new(on));
+        let up = switch.clone();
+        let upstream = Upstream::start(move |_| match up.load(Ordering::SeqCst) {
+            true => Reply::Status(200),
+            false => Reply::Status(503),
+        })
+        .await;
+        (upstream, switch)
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -111,8 +130,16 @@ impl Upstream {
     pub fn delivered(&self) -> Vec<serde_json::Value> {
         self.requests()
             .iter()
-            .filter(|r| (200..300).contains(&r.answered))
+            .filter(|r| r.was_delivered())
             .flat_map(|r| r.calls().to_vec())
+            .collect()
+    }
+
+    /// The distinct messageIds of the calls delivered (answered 2xx).
+    pub fn delivered_ids(&self) -> HashSet<String> {
+        delivered_ids(&self.state.requests.lock().unwrap())
+            .into_iter()
+            .map(str::to_owned)
             .collect()
     }
 
@@ -141,15 +168,10 @@ impl Upstream {
     }
 
     /// Waits until every call with one of these messageIds was delivered (answered 2xx).
-    pub async fn wait_delivered_ids(&self, ids: &std::collections::HashSet<String>) {
+    pub async fn wait_delivered_ids(&self, ids: &HashSet<String>) {
         let expected = ids.clone();
         self.wait_until("the expected calls delivered", move |requests| {
-            let delivered: std::collections::HashSet<&str> = requests
-                .iter()
-                .filter(|r| (200..300).contains(&r.answered))
-                .flat_map(|r| r.calls())
-                .filter_map(|c| c["messageId"].as_str())
-                .collect();
+            let delivered = delivered_ids(requests);
             expected.iter().all(|id| delivered.contains(id.as_str()))
         })
         .await
@@ -160,7 +182,7 @@ impl Upstream {
         self.wait_until(&format!("{n} delivered calls"), |requests| {
             requests
                 .iter()
-                .filter(|r| (200..300).contains(&r.answered))
+                .filter(|r| r.was_delivered())
                 .map(|r| r.calls().len())
                 .sum::<usize>()
                 >= n
@@ -171,6 +193,16 @@ impl Upstream {
     pub fn stop(self) {
         self.task.abort();
     }
+}
+
+/// The distinct messageIds of the calls in the requests answered 2xx.
+pub fn delivered_ids(requests: &[Recorded]) -> HashSet<&str> {
+    requests
+        .iter()
+        .filter(|r| r.was_delivered())
+        .flat_map(|r| r.calls())
+        .filter_map(|c| c["messageId"].as_str())
+        .collect()
 }
 
 async fn answer(
