@@ -6,16 +6,13 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{group, post, Daemon, Reply, Upstream, BIN};
+use common::{group, post, run_output, Daemon, Reply, Upstream};
 
 /// Runs `grouprelay ARGS` off the async runtime (the stand-in upstream lives on it).
 async fn grouprelay(args: &[&str]) -> (i32, String, String) {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
-            .args(&args)
-            .output()
-            .unwrap()
+        run_output(&args.iter().map(String::as_str).collect::<Vec<_>>())
     })
     .await
     .unwrap();

@@ -9,7 +9,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::{batch, exchange, get, group, on_disk, peak_rss, post, Daemon, Response};
+use common::{
+    basic_auth, batch, exchange, get, group, on_disk, peak_rss, post, request, Daemon, Response,
+};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use serde_json::{json, Value};
@@ -37,39 +39,19 @@ fn case(name: &'static str, request: Vec<u8>, status: u16, code: &'static str) -
     }
 }
 
-/// `Authorization: Basic base64(KEY:)`.
-fn basic_auth() -> String {
-    use base64::Engine;
-    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"));
-    format!("Authorization: Basic {encoded}")
-}
-
 /// A POST with the writeKey in Basic auth.
 fn keyed(path: &str, body: &str) -> Vec<u8> {
     post(path, Some(KEY), body.as_bytes())
 }
 
-/// A request with the given method, path and extra header lines, then `body` as is.
-fn raw(method: &str, path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    for header in headers {
-        head.push_str(header);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    let mut request = head.into_bytes();
-    request.extend_from_slice(body);
-    request
-}
-
 /// A Basic-auth POST with `Content-Encoding` and the right `Content-Length`.
 fn encoded(encoding: &str, body: &[u8]) -> Vec<u8> {
-    raw(
+    request(
         "POST",
         "/v1/batch",
         &[
             "Content-Type: application/json".into(),
-            basic_auth(),
+            basic_auth(KEY),
             format!("Content-Encoding: {encoding}"),
             format!("Content-Length: {}", body.len()),
         ],
@@ -495,7 +477,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "Bearer auth",
-            raw(
+            request(
                 "POST",
                 "/v1/batch",
                 &[
@@ -516,10 +498,10 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "Content-Length over 1 MiB",
-            raw(
+            request(
                 "POST",
                 "/v1/batch",
-                &[basic_auth(), format!("Content-Length: {}", LIMIT + 1)],
+                &[basic_auth(KEY), format!("Content-Length: {}", LIMIT + 1)],
                 valid_batch.as_bytes(),
             ),
             413,
@@ -527,10 +509,10 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "chunked body over 1 MiB",
-            raw(
+            request(
                 "POST",
                 "/v1/batch",
-                &[basic_auth(), "Transfer-Encoding: chunked".into()],
+                &[basic_auth(KEY), "Transfer-Encoding: chunked".into()],
                 &chunked,
             ),
             413,
@@ -576,7 +558,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         case("GET /v1/batch", get("/v1/batch"), 405, "method_not_allowed"),
         case(
             "PUT /v1/group",
-            raw("PUT", "/v1/group", &["Content-Length: 0".into()], b""),
+            request("PUT", "/v1/group", &["Content-Length: 0".into()], b""),
             405,
             "method_not_allowed",
         ),
@@ -656,10 +638,10 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "body longer than its Content-Length",
-            raw(
+            request(
                 "POST",
                 "/v1/group",
-                &[basic_auth(), "Content-Length: 20".into()],
+                &[basic_auth(KEY), "Content-Length: 20".into()],
                 br#"{"userId":"u","groupId":"g"} and more"#,
             ),
             400,
@@ -667,10 +649,10 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "malformed chunked body",
-            raw(
+            request(
                 "POST",
                 "/v1/group",
-                &[basic_auth(), "Transfer-Encoding: chunked".into()],
+                &[basic_auth(KEY), "Transfer-Encoding: chunked".into()],
                 b"zz\r\nabc\r\n0\r\n\r\n",
             ),
             400,
@@ -699,7 +681,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "Basic auth that is not base64",
-            raw(
+            request(
                 "POST",
                 "/v1/group",
                 &[
@@ -928,7 +910,7 @@ async fn broken_http_is_answered_and_harms_nothing() {
     let body = group("short").to_string();
     let head = format!(
         "POST /v1/group HTTP/1.1\r\nHost: x\r\n{}\r\nContent-Length: {}\r\n\r\n",
-        basic_auth(),
+        basic_auth(KEY),
         body.len() * 2
     );
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -950,20 +932,24 @@ async fn broken_http_is_answered_and_harms_nothing() {
         .collect();
     let h = group("h").to_string();
     let mut with_headers = headers.clone();
-    with_headers.push(basic_auth());
+    with_headers.push(basic_auth(KEY));
     with_headers.push(format!("Content-Length: {}", h.len()));
     let response = send(
         &daemon,
-        &raw("POST", "/v1/group", &with_headers, h.as_bytes()),
+        &request("POST", "/v1/group", &with_headers, h.as_bytes()),
     )
     .await;
     assert_eq!(response.status, 431);
     let one_big = vec![
         format!("X-Big: {}", "a".repeat(100_000)),
-        basic_auth(),
+        basic_auth(KEY),
         format!("Content-Length: {}", h.len()),
     ];
-    let response = send(&daemon, &raw("POST", "/v1/group", &one_big, h.as_bytes())).await;
+    let response = send(
+        &daemon,
+        &request("POST", "/v1/group", &one_big, h.as_bytes()),
+    )
+    .await;
     assert_error(&response, 431, "headers_too_large", "one 100 KB header");
 
     let ok = send(&daemon, &keyed("/v1/group", &group("after").to_string())).await;

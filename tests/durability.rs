@@ -7,7 +7,9 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{call, get, group, message_ids, on_disk, post, run_to_exit, send_unix, Daemon};
+use common::{
+    call, get, group, message_ids, on_disk, post, run_output, run_to_exit, send_unix, Daemon,
+};
 use serde_json::json;
 
 /// A call as a client sends it to `/v1/group`: no `type`, the path names it.
@@ -221,10 +223,7 @@ fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
 fn help_and_version_work() {
     let (status, _) = run_to_exit(&["--version"]);
     assert!(status.success());
-    let out = std::process::Command::new(common::BIN)
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
+    let out = run_output(&["run", "--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [

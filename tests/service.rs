@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{get, group, post, run_to_exit, Daemon, BIN};
+use common::{get, group, post, run_output, run_to_exit, Daemon, BIN};
 
 fn repo(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -75,10 +75,7 @@ fn the_example_configuration_names_every_setting_and_validates() {
     assert!(status.success(), "the example as shipped is valid");
 
     // Every flag of `grouprelay run` is a key of the file, set or shown commented out.
-    let help = std::process::Command::new(BIN)
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
+    let help = run_output(&["run", "--help"]);
     let help = String::from_utf8_lossy(&help.stdout);
     let flags: Vec<&str> = help
         .split_whitespace()

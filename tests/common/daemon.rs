@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -196,13 +196,18 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs the binary to completion with `args` and returns (status, stderr).
-pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
-    let out = Command::new(BIN)
+/// Runs the binary to completion with `args`: its status, stdout and stderr.
+pub fn run_output(args: &[&str]) -> Output {
+    Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("run grouprelay");
+        .expect("run grouprelay")
+}
+
+/// Runs the binary to completion with `args` and returns (status, stderr).
+pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    let out = run_output(args);
     (
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),

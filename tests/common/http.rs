@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use base64::Engine;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// A parsed HTTP response.
@@ -16,10 +17,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -32,16 +30,36 @@ impl Response {
     }
 }
 
-/// Builds a request with `Content-Length` and `Connection: close`.
-pub fn post(path: &str, write_key: Option<&str>, body: &[u8]) -> Vec<u8> {
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(key) = write_key {
-        use base64::Engine;
-        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
-        head.push_str(&format!("Authorization: Basic {encoded}\r\n"));
+/// The value of the first header called `name` (in any case).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// `Authorization: Basic base64(write_key:)`, as Segment's clients send a writeKey.
+pub fn basic_auth(write_key: &str) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"));
+    format!("Authorization: Basic {encoded}")
+}
+
+/// The credentials (`user:password`) in an `Authorization: Basic` value.
+pub fn basic_credentials(authorization: &str) -> String {
+    let encoded = authorization.strip_prefix("Basic ").expect("Basic auth");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("base64");
+    String::from_utf8(decoded).expect("UTF-8 credentials")
+}
+
+/// A request with `method`, `path`, `Host` and `Connection: close`, then the header lines
+/// given, then `body` as is.
+pub fn request(method: &str, path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
     }
     head.push_str("\r\n");
     let mut request = head.into_bytes();
@@ -49,8 +67,18 @@ pub fn post(path: &str, write_key: Option<&str>, body: &[u8]) -> Vec<u8> {
     request
 }
 
+/// A JSON POST with `Content-Length`, and the writeKey in Basic auth if given.
+pub fn post(path: &str, write_key: Option<&str>, body: &[u8]) -> Vec<u8> {
+    let mut headers = vec![
+        "Content-Type: application/json".to_owned(),
+        format!("Content-Length: {}", body.len()),
+    ];
+    headers.extend(write_key.map(basic_auth));
+    request("POST", path, &headers, body)
+}
+
 pub fn get(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").into_bytes()
+    request("GET", path, &[], b"")
 }
 
 pub async fn send_tcp(addr: SocketAddr, request: &[u8]) -> Response {
@@ -98,10 +126,8 @@ pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
     let mut body = buf[header_end..].to_vec();
-    let length = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.parse::<usize>().expect("content-length"));
+    let length =
+        header(&headers, "content-length").map(|v| v.parse::<usize>().expect("content-length"));
     match length {
         Some(length) => {
             while body.len() < length {

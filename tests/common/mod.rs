@@ -19,11 +19,14 @@ pub use books::{balanced, books, Books};
 #[allow(unused_imports)]
 pub use calls::{batch, call, group, message_ids, numbered, Group};
 #[allow(unused_imports)]
-pub use daemon::{run_to_exit, Daemon, Log, BIN};
+pub use daemon::{run_output, run_to_exit, Daemon, Log, BIN};
 #[allow(unused_imports)]
 pub use disk::{on_disk, open_again, sled_open_again, stopped_queue, OnDisk};
 #[allow(unused_imports)]
-pub use http::{exchange, get, post, send_tcp, send_unix, Response};
+pub use http::{
+    basic_auth, basic_credentials, exchange, get, header, post, request, send_tcp, send_unix,
+    Response,
+};
 #[allow(unused_imports)]
 pub use proc::{peak_rss, rss, status_bytes};
 #[allow(unused_imports)]

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::http::basic_credentials;
+
 /// The stand-in, listening until stopped or dropped with the runtime.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -35,14 +37,9 @@ impl Recorded {
     }
 
     pub fn write_key(&self) -> String {
-        use base64::Engine;
         let auth = self.headers["authorization"].to_str().unwrap();
-        let encoded = auth.strip_prefix("Basic ").expect("Basic auth");
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap();
-        let decoded = String::from_utf8(decoded).unwrap();
-        decoded.strip_suffix(':').expect("writeKey:").to_owned()
+        let credentials = basic_credentials(auth);
+        credentials.strip_suffix(':').expect("writeKey:").to_owned()
     }
 
     /// Whether the stand-in took this request (answered 2xx).
