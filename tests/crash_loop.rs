@@ -7,10 +7,11 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
-use common::{batch, books, call, delivered_ids, post, Daemon, Reply, Rng, Upstream};
+use common::{
+    acknowledged_until_killed, batch, books, call, delivered_ids, post, Daemon, Reply, Rng,
+    Upstream,
+};
 
 const ROUNDS: usize = 5;
 const WRITERS: usize = 8;
@@ -59,58 +60,22 @@ async fn acknowledged_calls_survive_a_crash_loop_and_the_books_balance() {
     for round in 0..ROUNDS {
         let daemon = Daemon::start(dir.path(), &args);
         let kill_after = 50 + rng.below(400) as usize;
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let count = Arc::new(AtomicUsize::new(0));
-        let reached = Arc::new(tokio::sync::Notify::new());
-        let writers: Vec<_> = (0..WRITERS)
-            .map(|w| {
-                let (acked, count, reached) = (acked.clone(), count.clone(), reached.clone());
-                let addr = daemon.addr;
-                tokio::spawn(async move {
-                    for i in 0.. {
-                        // Alternate single calls and batches.
-                        let ids: Vec<String> = if i % 2 == 0 {
-                            vec![format!("r{round}-w{w}-{i}")]
-                        } else {
-                            (0..BATCH)
-                                .map(|j| format!("r{round}-w{w}-{i}-{j}"))
-                                .collect()
-                        };
-                        let request = if ids.len() == 1 {
-                            post("/v1/group", None, &call(&ids[0]).bytes())
-                        } else {
-                            post("/v1/batch", None, batch(ids.iter().map(call)).as_bytes())
-                        };
-                        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-                            return;
-                        };
-                        match common::exchange(stream, &request).await {
-                            Ok(response) if response.status == 200 => {
-                                acked.lock().unwrap().extend(ids);
-                                if count.fetch_add(1, Ordering::SeqCst) + 1 == kill_after {
-                                    reached.notify_one();
-                                }
-                            }
-                            Ok(response) => panic!(
-                                "unexpected status {}: {}",
-                                response.status,
-                                String::from_utf8_lossy(&response.body)
-                            ),
-                            // The daemon died mid-request: not acknowledged.
-                            Err(_) => return,
-                        }
-                    }
-                })
-            })
-            .collect();
-        tokio::time::timeout(std::time::Duration::from_secs(120), reached.notified())
-            .await
-            .expect("the writers never reached the kill point (did one panic?)");
-        daemon.kill();
-        for writer in writers {
-            writer.await.unwrap();
-        }
-        acknowledged.extend(acked.lock().unwrap().drain(..));
+        let acked = acknowledged_until_killed(daemon, WRITERS, kill_after, move |w, i| {
+            // Alternate single calls and batches.
+            if i % 2 == 0 {
+                let id = format!("r{round}-w{w}-{i}");
+                let request = post("/v1/group", None, &call(&id).bytes());
+                (vec![id], request)
+            } else {
+                let ids: Vec<String> = (0..BATCH)
+                    .map(|j| format!("r{round}-w{w}-{i}-{j}"))
+                    .collect();
+                let request = post("/v1/batch", None, batch(ids.iter().map(call)).as_bytes());
+                (ids, request)
+            }
+        })
+        .await;
+        acknowledged.extend(acked);
         check_books(dir.path(), round).await;
     }
 

@@ -4,11 +4,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use common::{
-    call, get, group, message_ids, on_disk, post, run_output, run_to_exit, send_unix, Daemon,
+    acknowledged_until_killed, call, get, group, message_ids, on_disk, post, run_output,
+    run_to_exit, send_unix, Daemon,
 };
 use serde_json::json;
 
@@ -28,42 +27,15 @@ async fn kill_9_never_loses_an_acknowledged_call() {
     let mut acknowledged = HashSet::new();
     for round in 0..4 {
         let daemon = Daemon::start(dir.path(), &["--write-key", "K"]);
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let count = Arc::new(AtomicUsize::new(0));
-        let reached = Arc::new(tokio::sync::Notify::new());
         // Vary the moment of the kill from round to round.
         let kill_after = 150 + round * 137;
-        let writers: Vec<_> = (0..8)
-            .map(|w| {
-                let (acked, count, reached) = (acked.clone(), count.clone(), reached.clone());
-                let addr = daemon.addr;
-                tokio::spawn(async move {
-                    for i in 0.. {
-                        let id = format!("r{round}-w{w}-{i}");
-                        let request = post("/v1/group", None, &group_call(&id));
-                        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-                            return;
-                        };
-                        match common::exchange(stream, &request).await {
-                            Ok(response) if response.status == 200 => {
-                                acked.lock().unwrap().push(id);
-                                if count.fetch_add(1, Ordering::SeqCst) + 1 == kill_after {
-                                    reached.notify_one();
-                                }
-                            }
-                            Ok(response) => panic!("unexpected status {}", response.status),
-                            Err(_) => return, // the daemon died mid-request: not acknowledged
-                        }
-                    }
-                })
-            })
-            .collect();
-        reached.notified().await;
-        daemon.kill();
-        for writer in writers {
-            writer.await.unwrap();
-        }
-        acknowledged.extend(acked.lock().unwrap().drain(..));
+        let acked = acknowledged_until_killed(daemon, 8, kill_after, move |w, i| {
+            let id = format!("r{round}-w{w}-{i}");
+            let request = post("/v1/group", None, &group_call(&id));
+            (vec![id], request)
+        })
+        .await;
+        acknowledged.extend(acked);
         let disk = on_disk(dir.path()).await;
         let queued: HashSet<String> = message_ids(&disk.call_json()).into_iter().collect();
         let lost: Vec<_> = acknowledged.difference(&queued).collect();

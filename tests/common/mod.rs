@@ -1,6 +1,6 @@
 //! Test helpers, one file a concept, all re-exported here for `common::…`: the real daemon,
-//! a raw HTTP client, a stand-in upstream, the calls tests send, the queue on disk and its
-//! books, `/proc`, and seeds.
+//! a raw HTTP client, a stand-in upstream, the calls tests send, writers loading a daemon
+//! until it is killed, the queue on disk and its books, `/proc`, and seeds.
 // Each test binary compiles these helpers anew and uses only some of them: what one binary
 // leaves unused is not dead, and its re-export not unused.
 #![allow(dead_code)]
@@ -13,6 +13,7 @@ mod http;
 mod proc;
 mod seed;
 mod upstream;
+mod writers;
 
 #[allow(unused_imports)]
 pub use books::{balanced, books, Books};
@@ -33,3 +34,5 @@ pub use proc::{peak_rss, rss, status_bytes};
 pub use seed::{test_seed, Rng};
 #[allow(unused_imports)]
 pub use upstream::{delivered_ids, Recorded, Reply, Upstream};
+#[allow(unused_imports)]
+pub use writers::acknowledged_until_killed;
