@@ -11,7 +11,6 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{balanced, numbered, open_again};
-
 use grouprelay::queue::{
     ChunkRef, DeadReason, Durability, Queue, QueueError, QueueOptions, QueuedCall,
 };
