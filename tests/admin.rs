@@ -6,16 +6,13 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{post, Daemon, Reply, Upstream, BIN};
+use common::{group, post, run_output, Daemon, Reply, Upstream};
 
 /// Runs `grouprelay ARGS` off the async runtime (the stand-in upstream lives on it).
 async fn grouprelay(args: &[&str]) -> (i32, String, String) {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN)
-            .args(&args)
-            .output()
-            .unwrap()
+        run_output(&args.iter().map(String::as_str).collect::<Vec<_>>())
     })
     .await
     .unwrap();
@@ -56,9 +53,9 @@ async fn status_and_dead_letters_list_show_replay_and_purge() {
     );
     let url = format!("http://{}", daemon.addr);
     for (i, user) in ["poison", "ok", "poison"].iter().enumerate() {
-        let call = format!(r#"{{"userId":"{user}","groupId":"g","messageId":"m-{i}"}}"#);
+        let call = group(user).untyped().id(format!("m-{i}"));
         let response = daemon
-            .send(&post("/v1/group", Some("KEYAsecretpart"), call.as_bytes()))
+            .send(&post("/v1/group", Some("KEYAsecretpart"), &call.bytes()))
             .await;
         assert_eq!(response.status, 200);
     }

@@ -9,7 +9,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::{exchange, get, on_disk, post, Daemon, Response};
+use common::{
+    basic_auth, batch, exchange, get, group, on_disk, peak_rss, post, request, Daemon, Response,
+};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use serde_json::{json, Value};
@@ -37,39 +39,19 @@ fn case(name: &'static str, request: Vec<u8>, status: u16, code: &'static str) -
     }
 }
 
-/// `Authorization: Basic base64(KEY:)`.
-fn basic_auth() -> String {
-    use base64::Engine;
-    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"));
-    format!("Authorization: Basic {encoded}")
-}
-
 /// A POST with the writeKey in Basic auth.
 fn keyed(path: &str, body: &str) -> Vec<u8> {
     post(path, Some(KEY), body.as_bytes())
 }
 
-/// A request with the given method, path and extra header lines, then `body` as is.
-fn raw(method: &str, path: &str, headers: &[String], body: &[u8]) -> Vec<u8> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    for header in headers {
-        head.push_str(header);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    let mut request = head.into_bytes();
-    request.extend_from_slice(body);
-    request
-}
-
 /// A Basic-auth POST with `Content-Encoding` and the right `Content-Length`.
 fn encoded(encoding: &str, body: &[u8]) -> Vec<u8> {
-    raw(
+    request(
         "POST",
         "/v1/batch",
         &[
             "Content-Type: application/json".into(),
-            basic_auth(),
+            basic_auth(KEY),
             format!("Content-Encoding: {encoding}"),
             format!("Content-Length: {}", body.len()),
         ],
@@ -94,10 +76,6 @@ fn gzip_zeros(n: usize) -> Vec<u8> {
         left -= take;
     }
     encoder.finish().unwrap()
-}
-
-fn group(user_id: &str) -> String {
-    format!(r#"{{"type":"group","userId":"{user_id}","groupId":"g"}}"#)
 }
 
 /// Wraps a stream so that a write the server cut short (it answered and closed without
@@ -150,21 +128,6 @@ async fn send(daemon: &Daemon, request: &[u8]) -> Response {
     .expect("HTTP exchange")
 }
 
-/// The daemon's peak resident memory, in bytes.
-fn peak_rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .expect("VmHWM");
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmHWM kB");
-    kb * 1024
-}
-
 fn assert_json_content_type(response: &Response, what: &str) {
     assert_eq!(
         response.header("Content-Type"),
@@ -193,7 +156,7 @@ fn assert_error(response: &Response, status: u16, code: &str, what: &str) {
 #[tokio::test]
 async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     let long_id = "m".repeat(100);
-    let ten_thousand = format!(r#"{{"batch":[{}]}}"#, vec![group("u"); 10_000].join(","));
+    let ten_thousand = batch(vec![group("u"); 10_000]);
     let two_mb = vec![b' '; 2 << 20];
     let nested = format!(
         r#"{{"userId":"u","context":{{"x":{}{}}}}}"#,
@@ -211,11 +174,11 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         if i > 0 {
             too_many.push(',');
         }
-        too_many.push_str(&group(&format!("u{i}")));
+        too_many.push_str(&group(format!("u{i}")).to_string());
     }
     too_many.push_str("]}");
     // Valid JSON, padded with spaces past the limit.
-    let mut oversize = format!(r#"{{"batch":[{}]}}"#, group("u")).into_bytes();
+    let mut oversize = batch([group("u")]).into_bytes();
     oversize.resize(LIMIT + 1, b' ');
     // The same, chunked: only reading the body can tell it is too large.
     let mut chunked = Vec::new();
@@ -231,11 +194,11 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
     let member = gzip_zeros(16 << 20);
     let big_bomb = member.repeat(32);
     assert!(big_bomb.len() < LIMIT, "the big bomb itself fits the limit");
-    let mut bad_utf8 = format!(r#"{{"batch":[{}]}}"#, group("u")).into_bytes();
+    let mut bad_utf8 = batch([group("u")]).into_bytes();
     let at = bad_utf8.iter().position(|&b| b == b'u').unwrap();
     bad_utf8.splice(at..at, [0xff, 0xfe]);
 
-    let valid_batch = format!(r#"{{"batch":[{}]}}"#, group("u"));
+    let valid_batch = batch([group("u")]);
     let cases = vec![
         // The body as JSON.
         case(
@@ -514,7 +477,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "Bearer auth",
-            raw(
+            request(
                 "POST",
                 "/v1/batch",
                 &[
@@ -535,10 +498,10 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "Content-Length over 1 MiB",
-            raw(
+            request(
                 "POST",
                 "/v1/batch",
-                &[basic_auth(), format!("Content-Length: {}", LIMIT + 1)],
+                &[basic_auth(KEY), format!("Content-Length: {}", LIMIT + 1)],
                 valid_batch.as_bytes(),
             ),
             413,
@@ -546,10 +509,10 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "chunked body over 1 MiB",
-            raw(
+            request(
                 "POST",
                 "/v1/batch",
-                &[basic_auth(), "Transfer-Encoding: chunked".into()],
+                &[basic_auth(KEY), "Transfer-Encoding: chunked".into()],
                 &chunked,
             ),
             413,
@@ -595,7 +558,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         case("GET /v1/batch", get("/v1/batch"), 405, "method_not_allowed"),
         case(
             "PUT /v1/group",
-            raw("PUT", "/v1/group", &["Content-Length: 0".into()], b""),
+            request("PUT", "/v1/group", &["Content-Length: 0".into()], b""),
             405,
             "method_not_allowed",
         ),
@@ -675,10 +638,10 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "body longer than its Content-Length",
-            raw(
+            request(
                 "POST",
                 "/v1/group",
-                &[basic_auth(), "Content-Length: 20".into()],
+                &[basic_auth(KEY), "Content-Length: 20".into()],
                 br#"{"userId":"u","groupId":"g"} and more"#,
             ),
             400,
@@ -686,10 +649,10 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "malformed chunked body",
-            raw(
+            request(
                 "POST",
                 "/v1/group",
-                &[basic_auth(), "Transfer-Encoding: chunked".into()],
+                &[basic_auth(KEY), "Transfer-Encoding: chunked".into()],
                 b"zz\r\nabc\r\n0\r\n\r\n",
             ),
             400,
@@ -718,7 +681,7 @@ async fn bad_requests_get_their_status_and_code_and_queue_nothing() {
         ),
         case(
             "Basic auth that is not base64",
-            raw(
+            request(
                 "POST",
                 "/v1/group",
                 &[
@@ -939,15 +902,15 @@ async fn odd_but_valid_calls_are_accepted() {
 async fn broken_http_is_answered_and_harms_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), &[]);
-    let ok = send(&daemon, &keyed("/v1/group", &group("before"))).await;
+    let ok = send(&daemon, &keyed("/v1/group", &group("before").to_string())).await;
     assert_eq!(ok.status, 200);
 
     // Body shorter than its Content-Length: the client half-closes after half of it.
     let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
-    let body = group("short");
+    let body = group("short").to_string();
     let head = format!(
         "POST /v1/group HTTP/1.1\r\nHost: x\r\n{}\r\nContent-Length: {}\r\n\r\n",
-        basic_auth(),
+        basic_auth(KEY),
         body.len() * 2
     );
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -967,28 +930,29 @@ async fn broken_http_is_answered_and_harms_nothing() {
     let headers: Vec<String> = (0..2_000)
         .map(|i| format!("X-Filler-{i}: {}", "a".repeat(40)))
         .collect();
+    let h = group("h").to_string();
     let mut with_headers = headers.clone();
-    with_headers.push(basic_auth());
-    with_headers.push(format!("Content-Length: {}", group("h").len()));
+    with_headers.push(basic_auth(KEY));
+    with_headers.push(format!("Content-Length: {}", h.len()));
     let response = send(
         &daemon,
-        &raw("POST", "/v1/group", &with_headers, group("h").as_bytes()),
+        &request("POST", "/v1/group", &with_headers, h.as_bytes()),
     )
     .await;
     assert_eq!(response.status, 431);
     let one_big = vec![
         format!("X-Big: {}", "a".repeat(100_000)),
-        basic_auth(),
-        format!("Content-Length: {}", group("h").len()),
+        basic_auth(KEY),
+        format!("Content-Length: {}", h.len()),
     ];
     let response = send(
         &daemon,
-        &raw("POST", "/v1/group", &one_big, group("h").as_bytes()),
+        &request("POST", "/v1/group", &one_big, h.as_bytes()),
     )
     .await;
     assert_error(&response, 431, "headers_too_large", "one 100 KB header");
 
-    let ok = send(&daemon, &keyed("/v1/group", &group("after"))).await;
+    let ok = send(&daemon, &keyed("/v1/group", &group("after").to_string())).await;
     assert_eq!(ok.status, 200);
     assert!(daemon.terminate().success());
     let disk = on_disk(dir.path()).await;

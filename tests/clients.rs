@@ -12,8 +12,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
-use common::{on_disk, post, Daemon, Response};
+use common::{basic_credentials, header, on_disk, post, Daemon, Response};
 use grouprelay::clock;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
@@ -49,10 +48,7 @@ struct Capture {
 
 impl Capture {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 
     fn is_gzip(&self) -> bool {
@@ -67,14 +63,11 @@ impl Capture {
     /// The writeKey as the client meant it: from Basic auth, else from the body.
     fn write_key(&self) -> String {
         match self.header("Authorization") {
-            Some(auth) => {
-                let encoded = auth.strip_prefix("Basic ").expect("Basic auth");
-                let decoded = base64::engine::general_purpose::STANDARD
-                    .decode(encoded)
-                    .expect("base64");
-                let decoded = String::from_utf8(decoded).expect("UTF-8 credentials");
-                decoded.split(':').next().unwrap().to_owned()
-            }
+            Some(auth) => basic_credentials(auth)
+                .split(':')
+                .next()
+                .unwrap()
+                .to_owned(),
             None => self.body["writeKey"]
                 .as_str()
                 .expect("a request without Authorization carries writeKey in its body")

@@ -4,16 +4,19 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
-use common::{get, on_disk, post, run_to_exit, send_unix, Daemon};
+use common::{
+    acknowledged_until_killed, call, get, group, message_ids, on_disk, post, run_output,
+    run_to_exit, send_unix, Daemon,
+};
+use serde_json::json;
 
+/// A call as a client sends it to `/v1/group`: no `type`, the path names it.
 fn group_call(id: &str) -> Vec<u8> {
-    format!(
-        r#"{{"userId":"u-{id}","groupId":"g","messageId":"{id}","traits":{{"name":"Acme","plan":null}}}}"#
-    )
-    .into_bytes()
+    call(id)
+        .untyped()
+        .traits(json!({"name": "Acme", "plan": null}))
+        .bytes()
 }
 
 /// 8 writers send concurrently; the daemon is killed with SIGKILL once a (varying) number of
@@ -24,48 +27,17 @@ async fn kill_9_never_loses_an_acknowledged_call() {
     let mut acknowledged = HashSet::new();
     for round in 0..4 {
         let daemon = Daemon::start(dir.path(), &["--write-key", "K"]);
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let count = Arc::new(AtomicUsize::new(0));
-        let reached = Arc::new(tokio::sync::Notify::new());
         // Vary the moment of the kill from round to round.
         let kill_after = 150 + round * 137;
-        let writers: Vec<_> = (0..8)
-            .map(|w| {
-                let (acked, count, reached) = (acked.clone(), count.clone(), reached.clone());
-                let addr = daemon.addr;
-                tokio::spawn(async move {
-                    for i in 0.. {
-                        let id = format!("r{round}-w{w}-{i}");
-                        let request = post("/v1/group", None, &group_call(&id));
-                        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-                            return;
-                        };
-                        match common::exchange(stream, &request).await {
-                            Ok(response) if response.status == 200 => {
-                                acked.lock().unwrap().push(id);
-                                if count.fetch_add(1, Ordering::SeqCst) + 1 == kill_after {
-                                    reached.notify_one();
-                                }
-                            }
-                            Ok(response) => panic!("unexpected status {}", response.status),
-                            Err(_) => return, // the daemon died mid-request: not acknowledged
-                        }
-                    }
-                })
-            })
-            .collect();
-        reached.notified().await;
-        daemon.kill();
-        for writer in writers {
-            writer.await.unwrap();
-        }
-        acknowledged.extend(acked.lock().unwrap().drain(..));
+        let acked = acknowledged_until_killed(daemon, 8, kill_after, move |w, i| {
+            let id = format!("r{round}-w{w}-{i}");
+            let request = post("/v1/group", None, &group_call(&id));
+            (vec![id], request)
+        })
+        .await;
+        acknowledged.extend(acked);
         let disk = on_disk(dir.path()).await;
-        let queued: HashSet<String> = disk
-            .call_json()
-            .iter()
-            .map(|c| c["messageId"].as_str().unwrap().to_owned())
-            .collect();
+        let queued: HashSet<String> = message_ids(&disk.call_json()).into_iter().collect();
         let lost: Vec<_> = acknowledged.difference(&queued).collect();
         assert!(
             lost.is_empty(),
@@ -82,7 +54,7 @@ async fn sigterm_finishes_cleanly_and_keeps_the_calls() {
     let daemon = Daemon::start(dir.path(), &[]);
     let health = daemon.send(&get("/health")).await;
     assert_eq!(health.status, 200);
-    assert_eq!(health.json(), serde_json::json!({"status": "ok"}));
+    assert_eq!(health.json(), json!({"status": "ok"}));
     for i in 0..10 {
         let response = daemon
             .send(&post("/v1/group", Some("K"), &group_call(&format!("m{i}"))))
@@ -223,10 +195,7 @@ fn bad_configuration_exits_2_with_one_line_naming_the_setting() {
 fn help_and_version_work() {
     let (status, _) = run_to_exit(&["--version"]);
     assert!(status.success());
-    let out = std::process::Command::new(common::BIN)
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
+    let out = run_output(&["run", "--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
@@ -341,14 +310,11 @@ async fn a_full_disk_answers_503_keeps_serving_and_keeps_what_was_acknowledged()
     let data = disk.path.join("data");
     // A queue limit far above the disk: the disk fills first.
     let daemon = Daemon::start(&data, &["--write-key", "K"]);
-    let pad = "x".repeat(20_000);
     let mut acknowledged = Vec::new();
     let refusal = loop {
         let id = format!("m{}", acknowledged.len());
-        let body = format!(
-            r#"{{"userId":"u","groupId":"g","messageId":"{id}","traits":{{"pad":"{pad}"}}}}"#
-        );
-        let response = daemon.send(&post("/v1/group", None, body.as_bytes())).await;
+        let body = group("u").untyped().id(&id).pad(20_000).bytes();
+        let response = daemon.send(&post("/v1/group", None, &body)).await;
         if response.status != 200 {
             break response;
         }
@@ -392,13 +358,14 @@ async fn below_the_free_space_floor_calls_get_429_until_space_returns() {
         &data,
         &["--write-key", "K", "--min-free-disk-bytes", "40000000"],
     );
-    let pad = "x".repeat(20_000);
     let mut accepted = 0;
     let refusal = loop {
-        let body = format!(
-            r#"{{"userId":"u","groupId":"g","messageId":"m{accepted}","traits":{{"pad":"{pad}"}}}}"#
-        );
-        let response = daemon.send(&post("/v1/group", None, body.as_bytes())).await;
+        let body = group("u")
+            .untyped()
+            .id(format!("m{accepted}"))
+            .pad(20_000)
+            .bytes();
+        let response = daemon.send(&post("/v1/group", None, &body)).await;
         if response.status != 200 {
             break response;
         }
@@ -435,10 +402,9 @@ async fn below_the_free_space_floor_calls_get_429_until_space_returns() {
 async fn damage_on_disk_is_counted_and_logged_never_silent() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), &["--write-key", "K"]);
-    let pad = "x".repeat(300);
     for i in 0..200 {
-        let call = format!(r#"{{"userId":"u{i}","groupId":"g","traits":{{"pad":"{pad}"}}}}"#);
-        let response = daemon.send(&post("/v1/group", None, call.as_bytes())).await;
+        let call = group(format!("u{i}")).untyped().pad(300).bytes();
+        let response = daemon.send(&post("/v1/group", None, &call)).await;
         assert_eq!(response.status, 200);
     }
     assert!(daemon.terminate().success());

@@ -8,26 +8,15 @@ use std::collections::HashSet;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
-use common::{post, Daemon, Reply, Upstream};
-use grouprelay::queue::{Counts, Queue, QueueOptions};
+use common::{batch, call, message_ids, post, Daemon, Reply, Upstream};
+use grouprelay::queue::Counts;
 
-fn call(id: &str) -> String {
-    format!(r#"{{"type":"group","userId":"u-{id}","groupId":"g","messageId":"{id}"}}"#)
-}
-
+/// The books of a stopped daemon's queue, checked to balance: its counters, and the calls
+/// it holds.
 async fn books(data_dir: &Path) -> (Counts, usize) {
-    let queue = Queue::open(QueueOptions::new(data_dir)).expect("open queue");
-    let counts = queue.counts();
-    let pending = queue.read(0, usize::MAX).expect("read").len();
-    queue.close().await.expect("close");
-    let dead: u64 = counts.dead.values().sum();
-    assert_eq!(
-        counts.accepted,
-        counts.delivered + dead + counts.pending,
-        "{counts:?}"
-    );
-    assert_eq!(counts.pending, pending as u64, "{counts:?}");
-    (counts, pending)
+    let books = common::books(data_dir).await;
+    books.balance().unwrap();
+    (books.counts, books.pending as usize)
 }
 
 /// Delivers what is queued to a stand-in that takes everything, and returns the distinct
@@ -49,14 +38,6 @@ async fn deliver_all(data_dir: &Path, upstream: &Upstream, expected: &HashSet<St
     assert!(daemon.terminate().success());
 }
 
-fn distinct_delivered(upstream: &Upstream) -> HashSet<String> {
-    upstream
-        .delivered()
-        .iter()
-        .map(|c| c["messageId"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_crash_between_written_and_flushed_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -68,14 +49,14 @@ async fn a_crash_between_written_and_flushed_loses_nothing_acknowledged() {
     let mut acknowledged = HashSet::new();
     for id in ["a1", "a2"] {
         let response = daemon
-            .send(&post("/v1/group", None, call(id).as_bytes()))
+            .send(&post("/v1/group", None, &call(id).bytes()))
             .await;
         assert_eq!(response.status, 200);
         acknowledged.insert(id.to_owned());
     }
     // The third write reaches the failpoint: the process aborts before answering.
     let stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-    let answer = common::exchange(stream, &post("/v1/group", None, call("a3").as_bytes())).await;
+    let answer = common::exchange(stream, &post("/v1/group", None, &call("a3").bytes())).await;
     assert!(
         answer.is_err(),
         "the aborted request got an answer: {answer:?}"
@@ -90,7 +71,7 @@ async fn a_crash_between_written_and_flushed_loses_nothing_acknowledged() {
     deliver_all(dir.path(), &upstream, &acknowledged).await;
     let (counts, pending) = books(dir.path()).await;
     assert_eq!(pending, 0);
-    assert_eq!(distinct_delivered(&upstream).len() as u64, counts.accepted);
+    assert_eq!(upstream.delivered_ids().len() as u64, counts.accepted);
 }
 
 /// A panic while a request writes everyone's calls (inside sled, say) fails the requests of
@@ -105,19 +86,19 @@ async fn a_panic_in_the_queue_write_fails_only_its_round() {
         &[("GROUPRELAY_FAILPOINTS", "queue-write-panics=2")],
     );
     let first = daemon
-        .send(&post("/v1/group", None, call("p1").as_bytes()))
+        .send(&post("/v1/group", None, &call("p1").bytes()))
         .await;
     assert_eq!(first.status, 200);
     // The second write panics in this request's task: no 200 for it.
     let stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-    let answer = common::exchange(stream, &post("/v1/group", None, call("p2").as_bytes())).await;
+    let answer = common::exchange(stream, &post("/v1/group", None, &call("p2").bytes())).await;
     assert!(
         answer.as_ref().map_or(true, |a| a.status != 200),
         "the panicked write was acknowledged: {answer:?}"
     );
     let third = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        daemon.send(&post("/v1/group", None, call("p3").as_bytes())),
+        daemon.send(&post("/v1/group", None, &call("p3").bytes())),
     )
     .await
     .expect("the request after the panic waits for a writer that is gone");
@@ -131,7 +112,7 @@ async fn a_panic_in_the_queue_write_fails_only_its_round() {
     // A restart reads the state back from disk and accepts again.
     let daemon = Daemon::start(dir.path(), &["--write-key", "K"]);
     let fourth = daemon
-        .send(&post("/v1/group", None, call("p4").as_bytes()))
+        .send(&post("/v1/group", None, &call("p4").bytes()))
         .await;
     assert_eq!(fourth.status, 200);
     assert!(daemon.terminate().success());
@@ -145,10 +126,7 @@ async fn a_crash_between_delivered_and_removed_resends_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = Upstream::start(|_| Reply::Status(200)).await;
     let ids: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
-    let batch = format!(
-        r#"{{"batch":[{}]}}"#,
-        ids.iter().map(|id| call(id)).collect::<Vec<_>>().join(",")
-    );
+    let batch = batch(ids.iter().map(call));
     let daemon = Daemon::start_with_env(
         dir.path(),
         &["--write-key", "K", "--upstream", &upstream.url()],
@@ -161,7 +139,7 @@ async fn a_crash_between_delivered_and_removed_resends_and_loses_nothing() {
     // Upstream takes the batch; the daemon aborts before removing it from the queue.
     let status = daemon.wait_exit().await;
     assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
-    assert_eq!(distinct_delivered(&upstream).len(), 10);
+    assert_eq!(upstream.delivered_ids().len(), 10);
     let (counts, pending) = books(dir.path()).await;
     assert_eq!((counts.accepted, counts.delivered, pending), (10, 0, 10));
 
@@ -172,10 +150,7 @@ async fn a_crash_between_delivered_and_removed_resends_and_loses_nothing() {
     );
     upstream.wait_delivered(20).await;
     assert!(daemon.terminate().success());
-    let again: Vec<String> = upstream.delivered()[10..]
-        .iter()
-        .map(|c| c["messageId"].as_str().unwrap().to_owned())
-        .collect();
+    let again = message_ids(&upstream.delivered()[10..]);
     assert_eq!(again, ids, "the same calls, once more, in order");
     let (counts, pending) = books(dir.path()).await;
     assert_eq!((counts.delivered, pending), (10, 0));

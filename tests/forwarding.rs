@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{on_disk, post, Daemon, Recorded, Reply, Upstream};
+use common::{group, message_ids, on_disk, post, Daemon, Recorded, Reply, Upstream};
 use serde_json::{json, Value};
 
 /// Daemon flags for fast tests: short flush interval and retry cap.
@@ -25,26 +25,15 @@ fn fast<'a>(upstream: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// A batch of `n` calls with messageIds `{key_tag}-{from}` on.
 fn batch(key_tag: &str, from: usize, n: usize) -> Vec<u8> {
-    let calls: Vec<Value> = (from..from + n)
-        .map(|i| {
-            json!({
-                "type": "group",
-                "userId": format!("{key_tag}-{i}"),
-                "groupId": "g",
-                "messageId": format!("{key_tag}-{i}"),
-                "traits": {"name": "Acme", "plan": null, "total billed": i},
-            })
-        })
-        .collect();
-    serde_json::to_vec(&json!({ "batch": calls })).unwrap()
-}
-
-fn message_ids(calls: &[Value]) -> Vec<String> {
-    calls
-        .iter()
-        .map(|c| c["messageId"].as_str().unwrap().to_owned())
-        .collect()
+    common::batch((from..from + n).map(|i| {
+        let id = format!("{key_tag}-{i}");
+        group(&id)
+            .id(id)
+            .traits(json!({"name": "Acme", "plan": null, "total billed": i}))
+    }))
+    .into_bytes()
 }
 
 /// The sequence number in a messageId like `A-17`.
@@ -326,13 +315,12 @@ async fn batches_stay_under_500_kb() {
     // 60 calls of about 30 KB: 1.8 MB in all.
     let filler = "x".repeat(30_000);
     for i in 0..60 {
-        let call = json!({"userId": "u", "groupId": "g", "messageId": format!("A-{i}"), "traits": {"blob": filler}});
+        let call = group("u")
+            .untyped()
+            .id(format!("A-{i}"))
+            .traits(json!({ "blob": filler }));
         let response = daemon
-            .send(&post(
-                "/v1/group",
-                Some("KEY_A"),
-                &serde_json::to_vec(&call).unwrap(),
-            ))
+            .send(&post("/v1/group", Some("KEY_A"), &call.bytes()))
             .await;
         assert_eq!(response.status, 200);
     }
@@ -353,7 +341,7 @@ async fn calls_past_max_age_are_dead_lettered_as_expired_not_sent() {
         use grouprelay::queue::{Queue, QueueOptions};
         let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
         let old_ms = grouprelay::clock::unix_ms(std::time::SystemTime::now()) - 2 * 86_400_000;
-        let call = br#"{"type":"group","userId":"u","groupId":"g","messageId":"old-1"}"#.to_vec();
+        let call = group("u").id("old-1").bytes();
         queue.append("KEY_A", old_ms, &[call], &[]).await.unwrap();
         queue.close().await.unwrap();
     }
@@ -403,16 +391,7 @@ async fn sigterm_drains_partial_batches_before_exit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_takes_calls_again_once_upstream_drains_it() {
-    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let switch = healthy.clone();
-    let upstream = Upstream::start(move |_| {
-        if switch.load(Ordering::SeqCst) {
-            Reply::Status(200)
-        } else {
-            Reply::Status(503)
-        }
-    })
-    .await;
+    let (upstream, healthy) = Upstream::switched(false).await;
     let url = upstream.url();
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), &fast(&url, &["--max-queue-bytes", "20000"]));

@@ -23,8 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{post, Daemon, Reply, Upstream};
-use grouprelay::queue::{Queue, QueueOptions};
+use common::{batch, post, stopped_queue, Books, Daemon, Group, Reply, Rng, Upstream};
 use powercut::{PowerCut, Variation};
 use tokio::time::Instant;
 
@@ -88,23 +87,6 @@ struct Outcome {
     broken: Option<String>,
 }
 
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn cuts_per_scenario() -> u64 {
     std::env::var("GROUPRELAY_POWER_CUTS")
         .ok()
@@ -113,17 +95,12 @@ fn cuts_per_scenario() -> u64 {
 }
 
 /// A call whose id says whether upstream will refuse it (`bad-`).
-fn call(id: &str, big: bool) -> String {
-    let traits = if big {
-        format!(r#","traits":{{"blob":"{}"}}"#, "x".repeat(BIG_TRAIT))
-    } else {
-        String::new()
-    };
-    format!(r#"{{"type":"group","userId":"u-{id}","groupId":"g","messageId":"{id}"{traits}}}"#)
-}
-
-fn message_ids(calls: &[serde_json::Value]) -> impl Iterator<Item = &str> {
-    calls.iter().filter_map(|c| c["messageId"].as_str())
+fn call(id: &str, big: bool) -> Group {
+    let call = common::call(id);
+    match big {
+        true => call.traits(serde_json::json!({ "blob": "x".repeat(BIG_TRAIT) })),
+        false => call,
+    }
 }
 
 /// What the writers send besides single calls and small batches.
@@ -174,10 +151,9 @@ impl Writers {
                             })
                             .collect();
                         let request = if count == 1 {
-                            post("/v1/group", None, call(&ids[0], big).as_bytes())
+                            post("/v1/group", None, &call(&ids[0], big).bytes())
                         } else {
-                            let calls: Vec<String> = ids.iter().map(|id| call(id, big)).collect();
-                            let body = format!(r#"{{"batch":[{}]}}"#, calls.join(","));
+                            let body = batch(ids.iter().map(|id| call(id, big)));
                             post("/v1/batch", None, body.as_bytes())
                         };
                         let answer = if w % 2 == 0 {
@@ -281,7 +257,12 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
     }));
     let up = upstream_up.clone();
     let upstream = Upstream::start(move |request| {
-        if message_ids(request.calls()).any(|id| id.starts_with("bad-")) {
+        let bad = |c: &serde_json::Value| {
+            c["messageId"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("bad-"))
+        };
+        if request.calls().iter().any(bad) {
             Reply::Status(400)
         } else if up.load(Ordering::SeqCst) {
             Reply::Status(200)
@@ -448,16 +429,7 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
 
     // What came back: delivered (a 2xx from upstream, before the cut or after) or kept as a
     // dead letter. And the books: counters that balance, a byte count equal to a recount.
-    let delivered: HashSet<String> = upstream
-        .requests()
-        .iter()
-        .filter(|r| (200..300).contains(&r.answered))
-        .flat_map(|r| {
-            message_ids(r.calls())
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let delivered = upstream.delivered_ids();
     let (dead, books) = read_books(&data_dir).await;
     if let Err(e) = books {
         broken = broken.or(Some(e));
@@ -472,42 +444,27 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
 }
 
 /// Opens the queue left by a stopped daemon: the dead letters' ids, and whether the books
-/// balance and the stored-bytes count equals a recount.
+/// balance, nothing is pending after the drain, and the stored-bytes count equals a recount.
 async fn read_books(data_dir: &Path) -> (HashSet<String>, Result<(), String>) {
-    let queue = Queue::open(QueueOptions::new(data_dir)).expect("open the queue after the drain");
-    let counts = queue.counts();
-    let pending = queue.read(0, usize::MAX).expect("read queue").len() as u64;
-    let dead: HashSet<String> = queue
-        .dead()
-        .expect("read dead letters")
-        .iter()
-        .filter_map(|d| {
-            serde_json::from_str::<serde_json::Value>(d.call.get())
-                .ok()
-                .and_then(|c| c["messageId"].as_str().map(str::to_owned))
-        })
-        .collect();
-    let dead_total: u64 = counts.dead.values().sum();
-    let stored = queue.stored_bytes();
-    let recount = queue.recount_stored_bytes().expect("recount");
-    queue.close().await.expect("close queue");
-    let books = if counts.pending != pending {
-        Err(format!(
-            "the counters say {} pending, the queue holds {pending}",
-            counts.pending
-        ))
-    } else if counts.accepted != counts.delivered + dead_total + counts.pending {
-        Err(format!("the books do not balance: {counts:?}"))
-    } else if pending != 0 {
-        Err(format!("{pending} calls still pending after the drain"))
-    } else if stored != recount {
-        Err(format!(
-            "stored_bytes {stored} but a recount finds {recount}"
-        ))
-    } else {
-        Ok(())
-    };
-    (dead, books)
+    let (dead, books) = stopped_queue(data_dir, |queue| {
+        let dead: HashSet<String> = queue
+            .dead()
+            .expect("read dead letters")
+            .iter()
+            .filter_map(|d| {
+                serde_json::from_str::<serde_json::Value>(d.call.get())
+                    .ok()
+                    .and_then(|c| c["messageId"].as_str().map(str::to_owned))
+            })
+            .collect();
+        (dead, Books::of(queue))
+    })
+    .await;
+    let checked = books.balance().and_then(|()| match books.pending {
+        0 => books.bytes_agree(),
+        pending => Err(format!("{pending} calls still pending after the drain")),
+    });
+    (dead, checked)
 }
 
 /// Runs `cuts` cuts of `scenario` and returns what each showed.

@@ -1,50 +1,51 @@
 //! The queue's guarantees, tested as properties on a real sled database in a temp dir.
 
-use std::future::Future;
+mod common;
 
-use grouprelay::queue::keys::chunk_key;
+use std::future::Future;
+use std::path::Path;
+
+use common::{numbered, open_again, sled_open_again};
+use grouprelay::queue::keys::{chunk_key, LEDGER_KEY};
 use grouprelay::queue::{Durability, Queue, QueueError, QueueOptions};
 
-/// Opens a queue this process closed a moment ago. sled's own I/O threads can hold the
-/// database file, and its lock, briefly after `close` and drop (about one open in 200 found
-/// it held); a new process never meets this, as a process's locks go with it.
-async fn open_again(options: QueueOptions) -> Queue {
-    try_open_again(options).await.unwrap()
-}
-
-/// [`open_again`], for a test that expects the open to fail.
-async fn try_open_again(options: QueueOptions) -> Result<Queue, QueueError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Queue::open(options.clone()) {
-            Err(QueueError::Storage(e))
-                if e.contains("could not acquire lock") && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            result => return result,
-        }
-    }
-}
-
-/// `sled::open` on a database this process closed a moment ago (see `open_again`).
-async fn sled_open_again(path: std::path::PathBuf) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match sled::open(&path) {
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            result => return result.unwrap(),
-        }
-    }
-}
-
 fn call(i: usize) -> Vec<u8> {
-    format!(r#"{{"type":"group","userId":"u{i}","groupId":"g","messageId":"m{i}"}}"#).into_bytes()
+    numbered(i).bytes()
+}
+
+/// `interval` mode, with a flush period long enough that no periodic flush runs during a
+/// test.
+fn interval_without_flushes(dir: &Path) -> QueueOptions {
+    QueueOptions {
+        durability: Durability::Interval,
+        sync_interval: std::time::Duration::from_secs(3600),
+        ..QueueOptions::new(dir)
+    }
+}
+
+/// Bytes no chunk decodes from.
+const GARBAGE: &[u8] = b"\x07garbage";
+
+/// Writes a queue of three calls in `dir`, one request after another, so that each is its
+/// own chunk, and closes it.
+async fn three_chunks(dir: &Path) {
+    let queue = Queue::open(QueueOptions::new(dir)).unwrap();
+    for i in 0..3 {
+        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
+    }
+    queue.close().await.unwrap();
+}
+
+/// Overwrites the middle one of [`three_chunks`] with [`GARBAGE`] on disk; returns the
+/// database (not yet flushed) and what the chunk held.
+async fn damage_the_middle_chunk(dir: &Path) -> (sled::Db, Option<sled::IVec>) {
+    let db = sled_open_again(&dir.join(grouprelay::queue::DB_DIR)).await;
+    let old = db
+        .open_tree("queue")
+        .unwrap()
+        .insert(chunk_key(1, 1), GARBAGE)
+        .unwrap();
+    (db, old)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +93,7 @@ async fn calls_survive_reopen_and_leave_only_when_removed() {
     queue.close().await.unwrap();
     drop(queue);
 
-    let queue = open_again(QueueOptions::new(dir.path())).await;
+    let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
     let calls = queue.read(0, usize::MAX).unwrap();
     assert_eq!(calls.len(), 5);
     assert_eq!(calls[0].record.write_key, "key-a");
@@ -104,7 +105,7 @@ async fn calls_survive_reopen_and_leave_only_when_removed() {
     queue.close().await.unwrap();
     drop(queue);
 
-    let queue = open_again(QueueOptions::new(dir.path())).await;
+    let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
     let calls = queue.read(0, usize::MAX).unwrap();
     let ids: Vec<_> = calls
         .iter()
@@ -153,12 +154,7 @@ async fn the_byte_limit_refuses_new_calls_and_frees_on_remove() {
 #[tokio::test]
 async fn interval_mode_acknowledges_before_the_flush_and_still_persists_on_close() {
     let dir = tempfile::tempdir().unwrap();
-    let options = QueueOptions {
-        durability: Durability::Interval,
-        // Long enough that no periodic flush runs during the test.
-        sync_interval: std::time::Duration::from_secs(3600),
-        ..QueueOptions::new(dir.path())
-    };
+    let options = interval_without_flushes(dir.path());
     let queue = Queue::open(options.clone()).unwrap();
     for i in 0..20 {
         queue.append("key", 1, &[call(i)], &[]).await.unwrap();
@@ -170,7 +166,7 @@ async fn interval_mode_acknowledges_before_the_flush_and_still_persists_on_close
     );
     queue.close().await.unwrap();
     drop(queue);
-    let queue = open_again(options).await;
+    let queue = open_again(options).await.unwrap();
     assert_eq!(queue.read(0, usize::MAX).unwrap().len(), 20);
     queue.close().await.unwrap();
 }
@@ -226,7 +222,7 @@ async fn a_newer_format_is_refused() {
             .unwrap();
         db.flush().unwrap();
     }
-    match try_open_again(QueueOptions::new(dir.path())).await {
+    match open_again(QueueOptions::new(dir.path())).await {
         Err(QueueError::NewerFormat(9)) => {}
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a newer format was opened"),
@@ -271,11 +267,7 @@ async fn an_fsync_append_answers_only_once_a_flush_covers_it() {
 #[tokio::test]
 async fn calls_are_handed_out_only_once_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let options = QueueOptions {
-        durability: Durability::Interval,
-        sync_interval: std::time::Duration::from_secs(3600),
-        ..QueueOptions::new(dir.path())
-    };
+    let options = interval_without_flushes(dir.path());
     let queue = Queue::open(options.clone()).unwrap();
     queue.append("key", 1, &[call(1)], &[]).await.unwrap();
     // Acknowledged in interval mode, but no flush has covered it yet: a forwarder must not
@@ -283,7 +275,7 @@ async fn calls_are_handed_out_only_once_durable() {
     assert!(queue.read(0, 10).unwrap().is_empty());
     queue.close().await.unwrap();
     drop(queue);
-    let queue = open_again(options).await;
+    let queue = open_again(options).await.unwrap();
     assert_eq!(queue.read(0, 10).unwrap().len(), 1);
     queue.close().await.unwrap();
 }
@@ -291,22 +283,13 @@ async fn calls_are_handed_out_only_once_durable() {
 #[tokio::test]
 async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
     let dir = tempfile::tempdir().unwrap();
-    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
-    // One request after another: each is its own chunk.
-    for i in 0..3 {
-        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
-    }
-    queue.close().await.unwrap();
-    drop(queue);
+    three_chunks(dir.path()).await;
     {
-        // Damage the middle chunk on disk.
-        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
-        let tree = db.open_tree("queue").unwrap();
-        let old = tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
+        let (db, old) = damage_the_middle_chunk(dir.path()).await;
         assert!(old.is_some(), "the chunk layout changed; fix this test");
         db.flush().unwrap();
     }
-    let queue = open_again(QueueOptions::new(dir.path())).await;
+    let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
     let read = queue.read(0, 10).unwrap();
     let ids: Vec<u64> = read.iter().map(|c| c.id).collect();
     assert_eq!(ids, [0, 2]);
@@ -317,14 +300,14 @@ async fn an_unreadable_chunk_is_quarantined_counted_and_the_rest_still_read() {
     assert_eq!(counts.pending, 2);
     queue.close().await.unwrap();
     drop(queue);
-    let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
+    let db = sled_open_again(&dir.path().join(grouprelay::queue::DB_DIR)).await;
     let quarantined = db
         .open_tree("quarantine")
         .unwrap()
         .get(chunk_key(1, 1))
         .unwrap()
         .expect("the damaged chunk is kept in quarantine");
-    assert!(quarantined.ends_with(b"\x07garbage"));
+    assert!(quarantined.ends_with(GARBAGE));
     assert!(db
         .open_tree("queue")
         .unwrap()
@@ -433,21 +416,11 @@ async fn dead_letters_named_twice_count_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_chunk_read_by_two_at_once_is_counted_once() {
     let dir = tempfile::tempdir().unwrap();
-    let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
-    for i in 0..3 {
-        queue.append("key", 1, &[call(i)], &[]).await.unwrap();
-    }
-    queue.close().await.unwrap();
-    drop(queue);
-    {
-        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
-        let tree = db.open_tree("queue").unwrap();
-        tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
-        db.flush().unwrap();
-    }
+    three_chunks(dir.path()).await;
+    damage_the_middle_chunk(dir.path()).await.0.flush().unwrap();
     for _ in 0..20 {
         // Fresh copies of the damaged database, so each round races anew.
-        let queue = open_again(QueueOptions::new(dir.path())).await;
+        let queue = open_again(QueueOptions::new(dir.path())).await.unwrap();
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
         let readers: Vec<_> = (0..2)
             .map(|_| {
@@ -467,10 +440,8 @@ async fn a_damaged_chunk_read_by_two_at_once_is_counted_once() {
         queue.close().await.unwrap();
         drop(queue);
         // Put the damaged chunk back for the next round.
-        let db = sled_open_again(dir.path().join(grouprelay::queue::DB_DIR)).await;
-        let tree = db.open_tree("queue").unwrap();
-        tree.insert(chunk_key(1, 1), &b"\x07garbage"[..]).unwrap();
-        let ledger = tree.remove(b"l").unwrap();
+        let (db, _) = damage_the_middle_chunk(dir.path()).await;
+        let ledger = db.open_tree("queue").unwrap().remove(LEDGER_KEY).unwrap();
         assert!(ledger.is_some());
         db.open_tree("quarantine").unwrap().clear().unwrap();
         db.flush().unwrap();

@@ -6,8 +6,11 @@
 //! call twice changing nothing; `accepted = delivered + dead + pending`; and stored bytes that
 //! are exactly the live chunks plus the dead letters.
 
+mod common;
+
 use std::collections::BTreeMap;
 
+use common::{balanced, numbered, open_again};
 use grouprelay::queue::{
     ChunkRef, DeadReason, Durability, Queue, QueueError, QueueOptions, QueuedCall,
 };
@@ -154,15 +157,12 @@ struct Model {
 
 impl Model {
     fn make_call(&mut self, pad: usize) -> Vec<u8> {
-        let n = self.calls_made;
+        let call = numbered(self.calls_made);
         self.calls_made += 1;
-        let traits = if pad == 0 {
-            String::new()
-        } else {
-            format!(r#","traits":{{"pad":"{}"}}"#, "x".repeat(pad))
-        };
-        format!(r#"{{"type":"group","userId":"u{n}","groupId":"g","messageId":"m{n}"{traits}}}"#)
-            .into_bytes()
+        match pad {
+            0 => call.bytes(),
+            pad => call.pad(pad).bytes(),
+        }
     }
 
     /// The calls a pick hands the queue, given the pending calls as the queue read them.
@@ -265,7 +265,6 @@ fn check(queue: &Queue, model: &Model) -> Result<(), TestCaseError> {
     prop_assert!(end <= model.next_id, "a chunk ends past the last id");
 
     let counts = queue.counts();
-    let dead_total: u64 = counts.dead.values().sum();
     // Zeros left out: a dead-lettering that settles nothing still records its reason, at 0.
     let dead: BTreeMap<&str, u64> = counts
         .dead
@@ -281,11 +280,7 @@ fn check(queue: &Queue, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(counts.delivered, model.delivered, "delivered");
     prop_assert_eq!(dead, want_dead, "dead");
     prop_assert_eq!(counts.pending, model.pending.len() as u64, "pending");
-    prop_assert_eq!(
-        counts.accepted,
-        counts.delivered + dead_total + counts.pending,
-        "accepted = delivered + dead + pending"
-    );
+    balanced(&counts).map_err(TestCaseError::fail)?;
     prop_assert_eq!(counts.rejected, 0, "rejected");
 
     let letters = queue.dead().map_err(|e| queue_error("dead", e))?;
@@ -343,23 +338,11 @@ fn options(dir: &std::path::Path) -> QueueOptions {
     }
 }
 
-/// Opens the queue, waiting out sled's file lock: after `close` and drop, a job on sled's I/O
-/// threadpool (or its truncation thread) can still hold the database file, and with it the
-/// lock, for a moment, so that an open right away in the same process fails with "could not
-/// acquire lock" (seen about once in 200 runs). A new process never meets this: a process's
-/// locks go with it.
+/// Opens the queue, waiting out sled's file lock (see `common::open_again`).
 async fn open(dir: &std::path::Path) -> Result<Queue, TestCaseError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match Queue::open(options(dir)) {
-            Err(QueueError::Storage(e))
-                if e.contains("could not acquire lock") && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            result => return result.map_err(|e| queue_error("open", e)),
-        }
-    }
+    open_again(options(dir))
+        .await
+        .map_err(|e| queue_error("open", e))
 }
 
 /// Closes the queue, checks it refuses appends and still reads, and opens it again.

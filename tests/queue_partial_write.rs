@@ -3,13 +3,14 @@
 //!
 //! Its own test binary: the failpoint is armed for the whole process.
 
+mod common;
+
+use common::group;
 use grouprelay::queue::{Queue, QueueOptions};
 
 /// A call of about `pad` bytes.
 fn call(i: usize, pad: usize) -> Vec<u8> {
-    let pad = "x".repeat(pad);
-    format!(r#"{{"type":"group","userId":"u","groupId":"g","messageId":"m{i}","traits":{{"p":"{pad}"}}}}"#)
-        .into_bytes()
+    group("u").id(format!("m{i}")).pad(pad).bytes()
 }
 
 #[tokio::test(flavor = "current_thread")]

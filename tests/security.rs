@@ -6,11 +6,11 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{get, post, run_to_exit, Daemon, Reply, Upstream};
+use common::{get, group, post, run_to_exit, Daemon, Reply, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn group_call(id: &str) -> String {
-    format!(r#"{{"type":"group","userId":"u-{id}","groupId":"g","messageId":"m-{id}"}}"#)
+    group(format!("u-{id}")).id(format!("m-{id}")).to_string()
 }
 
 #[tokio::test]
@@ -98,7 +98,7 @@ async fn write_keys_never_appear_in_logs_or_answers() {
         r#"{{"writeKey":"{BODY}","batch":[{},{{"type":"group","groupId":"g"}}]}}"#,
         group_call("body")
     );
-    let poison = r#"{"type":"group","userId":"poison","groupId":"g","messageId":"m-poison"}"#;
+    let poison = group("poison").id("m-poison").to_string();
     for (request, status) in [
         (
             post("/v1/group", Some(BASIC), group_call("basic").as_bytes()),

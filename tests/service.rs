@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{get, post, run_to_exit, Daemon, BIN};
+use common::{get, group, post, run_output, run_to_exit, Daemon, BIN};
 
 fn repo(path: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -75,10 +75,7 @@ fn the_example_configuration_names_every_setting_and_validates() {
     assert!(status.success(), "the example as shipped is valid");
 
     // Every flag of `grouprelay run` is a key of the file, set or shown commented out.
-    let help = std::process::Command::new(BIN)
-        .args(["run", "--help"])
-        .output()
-        .unwrap();
+    let help = run_output(&["run", "--help"]);
     let help = String::from_utf8_lossy(&help.stdout);
     let flags: Vec<&str> = help
         .split_whitespace()
@@ -181,7 +178,7 @@ async fn ready_says_why_it_is_not() {
     let ready = daemon.send(&get("/ready")).await;
     assert_eq!(ready.status, 200);
     assert_eq!(ready.json()["status"], "ready");
-    let call = br#"{"type":"group","userId":"u","groupId":"g","traits":{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#;
+    let call = &group("u").pad(190).bytes();
     // Fill the queue to its limit.
     let mut filled = false;
     for _ in 0..100 {
@@ -239,9 +236,9 @@ async fn metrics_count_known_traffic() {
     );
     const KEY: &str = "METRICSKEY0123456789";
     for i in 0..3 {
-        let call = format!(r#"{{"userId":"u{i}","groupId":"g"}}"#);
+        let call = group(format!("u{i}")).untyped();
         let response = daemon
-            .send(&post("/v1/group", Some(KEY), call.as_bytes()))
+            .send(&post("/v1/group", Some(KEY), &call.bytes()))
             .await;
         assert_eq!(response.status, 200);
     }
