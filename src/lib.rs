@@ -4,14 +4,15 @@
 //! # Map
 //! | module | what it is |
 //! |---|---|
-//! | [`config`] | the one typed [`config::Config`]: flags > env > file > defaults |
+//! | [`config`] | every setting defined once; the one typed [`config::Config`], in sections: flags > env > file > defaults |
 //! | [`daemon`] | start-up and shutdown order: queue, forwarder, listeners, systemd's READY; then stop, drain, close |
-//! | [`server`] | listeners (TCP and Unix) and the HTTP/1.1 connections on them |
-//! | [`ingest`] | the HTTP API: routes, writeKey, body limits, gzip, JSON answers; `/health`, `/ready`, `/stats`, `/metrics` |
+//! | [`server`] | where to listen, the listeners (TCP and Unix), the HTTP/1.1 connections on them |
+//! | [`http`] | the API: routes, the call path (writeKey, body limits, gzip, the queue, 200), `/health` `/ready` `/stats` `/metrics`, `/admin/`, JSON answers |
 //! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
 //! | [`queue`] | the sled database: calls in chunks, appended together and made durable by group commit, read in order, settled (delivered or dead) with durable counters; free-space floor |
-//! | [`admin`] | `/admin/` endpoints (status, dead letters) and the client the admin commands use |
-//! | [`forward`] | lanes per writeKey, batches upstream, retry with backoff, bisecting refusals |
+//! | [`forward`] | lanes per writeKey, batches upstream, retry with backoff, bisecting refusals; upstream health on a `watch` channel |
+//! | [`status`] | the daemon's numbers (queue, deliveries, dead letters, upstream), read once for every view |
+//! | [`admin`] | the admin commands (`grouprelay status`, `grouprelay dead ...`) and their client |
 //! | [`shutdown`] | the signal every task listens to |
 //! | [`metrics`] | the counters and histograms `GET /metrics` serves |
 //! | [`notify`] | systemd's `Type=notify` protocol: ready, status, watchdog, stopping |
@@ -21,19 +22,19 @@
 //!
 //! # A call's way through
 //! ```text
-//! client ─HTTP─▶ server ─▶ ingest ─▶ spec (normalise, validate)
-//!                             │
-//!                             ▼
-//!                           queue.append ─▶ appender (the waiting requests' calls packed
-//!                             │                into chunks, a sled insert each) ─▶ committer
-//!                             │                (flush + fdatasync, then answers them) ─▶ 200
+//! client ─HTTP─▶ server ─▶ http (route) ─▶ http::ingest ─▶ spec (normalise, validate)
+//!                                              │
+//!                                              ▼
+//!                        queue.append ─▶ appender (the waiting requests' calls packed
+//!                             │             into chunks, a sled insert each) ─▶ committer
+//!                             │             (flush + fdatasync, then answers them) ─▶ 200
 //!                             ▼
 //! upstream ◀─HTTP── forward (2xx: queue.remove; 4xx: queue.dead_letter; else retry)
 //! ```
-//! Operators look in through `/stats`, `/metrics` and `admin` (`grouprelay status`,
-//! `grouprelay dead ...`), which read the queue and the forwarder's upstream health.
-//! A call moves in one direction only; the queue is the single hand-off point between the
-//! request side and the delivery side.
+//! Operators look in through `/stats`, `/metrics` and `/admin/` (`grouprelay status`,
+//! `grouprelay dead ...`), which read one [`status::Status`]: the queue's counters and the
+//! forwarder's published upstream health. A call moves in one direction only; the queue is
+//! the single hand-off point between the request side and the delivery side.
 
 pub mod admin;
 pub mod clock;

@@ -115,8 +115,8 @@ async fn run(config: Config) -> Result<(), DaemonError> {
 }
 
 /// glibc gives each thread that allocates its own arena, and memory freed in one is rarely
-/// returned: reading a large backlog through sled's threads and tokio's workers grew RSS
-/// from about 170 MB to 440 MB (grouprelay-bench, backlog scenario). Two arenas keep it flat.
+/// returned: reading a large backlog through sled's threads and tokio's workers would grow
+/// RSS far past what is live. Two arenas keep it flat.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator tunable; called before any other thread starts.

@@ -2,7 +2,7 @@
 //! and writes them, a sled insert per chunk (or one batch, when a request needs several).
 //!
 //! There is no writer thread to hand work to (each hand-off between threads costs a wake-up,
-//! which measured more than the write itself). A request puts its records on the pending
+//! which costs more than the write itself). A request puts its records on the pending
 //! list; if no one is writing, it becomes the writer: it yields once, so that the requests
 //! its worker has ready add theirs, then writes rounds until the list is empty, the calls
 //! of requests that arrived meanwhile included. A round takes everything pending and packs
@@ -13,8 +13,9 @@
 //! 64 concurrent requests cost a few sled writes instead of 64.
 //!
 //! Why not always one batch: sled's `apply_batch` seals its log buffer before and after, and
-//! each seal is a `pwrite` and a `sync_file_range` on an I/O thread. One batch per round of
-//! single calls cost about a fifth of the CPU per request (bench, same-session A/B).
+//! each seal is a `pwrite` and a `sync_file_range` on an I/O thread, so a batch costs far
+//! more than an insert. (The figures behind this file's choices are in the README,
+//! "Performance".)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -94,8 +95,8 @@ impl Appender {
         };
         if lead {
             // Let the other requests this worker has ready run first, so that they join the
-            // round: without this, under 64 connections a round held 1.1 calls on average
-            // (a sled key each); with it, about 8 (bench: CPU per request about -20 %).
+            // round: without this a round holds about one call, and each call costs a sled
+            // key of its own.
             let lead = Lead(self.clone());
             tokio::task::yield_now().await;
             drop(lead);
@@ -343,7 +344,7 @@ fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
     }
     if units.len() > 1 && units.iter().any(|unit| unit.chunks.len() > 1) {
         // A batch is written anyway, and its cost is per batch, not per chunk: one for the
-        // whole round (bench, 100-call batches: one batch per request cost up to +56 % CPU).
+        // whole round.
         let end = units.last().map_or(first_id, |unit| unit.end);
         let chunks = units.into_iter().flat_map(|unit| unit.chunks).collect();
         return (vec![Unit { chunks, end }], vec![1; needs.len()]);

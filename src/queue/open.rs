@@ -87,48 +87,37 @@ struct Recovered {
 impl Recovered {
     /// Starts the committer and the appender, and hands out the queue.
     fn start(self, options: &QueueOptions) -> Result<Queue, QueueError> {
-        let Recovered {
-            db,
-            meta,
-            tree,
-            rejected,
-            dead,
-            books,
-            next_id,
-            budget,
-            watermark,
-        } = self;
-        let rejected_count = AtomicU64::new(rejected.len() as u64);
-        let inserted_end = Arc::new(AtomicU64::new(next_id));
+        let rejected_count = AtomicU64::new(self.rejected.len() as u64);
+        let inserted_end = Arc::new(AtomicU64::new(self.next_id));
         let written = inserted_end.clone();
         let before_flush = move || written.load(Ordering::SeqCst);
         let (commit, committer) = GroupCommit::start(
-            db.clone(),
+            self.db.clone(),
             options.sync_interval,
             Box::new(before_flush),
-            Box::new(move |durable_end| watermark.record(durable_end)),
+            Box::new(move |durable_end| self.watermark.record(durable_end)),
         );
         let appender = Appender::start(Target {
-            tree: tree.clone(),
-            next_id,
+            tree: self.tree.clone(),
+            next_id: self.next_id,
             inserted_end: inserted_end.clone(),
-            budget: budget.clone(),
+            budget: self.budget.clone(),
             commit: commit.clone(),
             durability: options.durability,
         })?;
         Ok(Queue {
             inner: Arc::new(Inner {
-                db,
-                meta,
-                tree,
-                rejected,
-                dead,
+                db: self.db,
+                meta: self.meta,
+                tree: self.tree,
+                rejected: self.rejected,
+                dead: self.dead,
                 durability: options.durability,
-                budget,
+                budget: self.budget,
                 free_space: FreeSpace::new(&options.data_dir, options.min_free_bytes),
                 inserted_end,
                 appender,
-                books: Mutex::new(books),
+                books: Mutex::new(self.books),
                 rejected_count,
                 closed: AtomicBool::new(false),
                 commit,
