@@ -198,8 +198,7 @@ impl Drop for WriterGuard<'_> {
         drop(pending);
         self.0.idle.notify_waiters();
         for (records, reply) in round {
-            let error = QueueError::Storage("a queue write failed part way".into());
-            refuse(&self.0.budget, &records, reply, error);
+            refuse(&self.0.budget, &records, reply, QueueError::Broken);
         }
     }
 }

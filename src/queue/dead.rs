@@ -46,7 +46,7 @@ impl Queue {
                 call: call_json(&call.record.call),
             };
             let value =
-                serde_json::to_vec(&record).map_err(|e| QueueError::Storage(e.to_string()))?;
+                serde_json::to_vec(&record).map_err(|e| QueueError::Encode(e.to_string()))?;
             letters.push((inner.db.generate_id()?.to_be_bytes(), value));
         }
         let mut counters = books.counters.clone();

@@ -21,6 +21,9 @@ pub enum QueueError {
     /// Bytes read back from the database cannot be decoded: a damaged key, counters, a dead
     /// letter or a stored record.
     Damaged(String),
+    /// A record could not be encoded for storage: a rejected call whose bytes are not JSON,
+    /// or counters or a dead letter that would not serialise.
+    Encode(String),
     /// sled or the filesystem failed.
     Storage(String),
     /// The database was written by a newer grouprelay.
@@ -48,6 +51,7 @@ impl std::fmt::Display for QueueError {
                 "calls not known to be durable ({e}); they may still be delivered"
             ),
             QueueError::Damaged(e) => write!(f, "damaged queue data: {e}"),
+            QueueError::Encode(e) => write!(f, "cannot encode a queue record: {e}"),
             QueueError::Storage(e) => write!(f, "queue storage error: {e}"),
             QueueError::NewerFormat(v) => write!(
                 f,

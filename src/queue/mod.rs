@@ -282,7 +282,7 @@ impl Queue {
                 ));
             }
         }
-        result.map_err(|e| QueueError::Storage(e.to_string()))
+        result.map_err(|e| QueueError::NotDurable(e.to_string()))
     }
 }
 

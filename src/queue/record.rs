@@ -215,7 +215,7 @@ pub(super) fn rejected_record(
     rejected: &RejectedCall,
 ) -> Result<Vec<u8>, QueueError> {
     let call = RawValue::from_string(String::from_utf8_lossy(&rejected.raw).into_owned())
-        .map_err(|e| QueueError::Storage(format!("rejected call is not JSON: {e}")))?;
+        .map_err(|e| QueueError::Encode(format!("rejected call is not JSON: {e}")))?;
     serde_json::to_vec(&RejectedRecord {
         version: FORMAT_VERSION,
         received_ms,
@@ -225,7 +225,7 @@ pub(super) fn rejected_record(
         message: rejected.violation.message.clone(),
         call,
     })
-    .map_err(|e| QueueError::Storage(e.to_string()))
+    .map_err(|e| QueueError::Encode(e.to_string()))
 }
 
 #[cfg(test)]

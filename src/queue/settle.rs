@@ -26,5 +26,5 @@ pub(super) fn settle_into(
 
 /// The counters as stored.
 pub(super) fn encode_counters(counters: &Counters) -> Result<Vec<u8>, QueueError> {
-    serde_json::to_vec(counters).map_err(|e| QueueError::Storage(e.to_string()))
+    serde_json::to_vec(counters).map_err(|e| QueueError::Encode(e.to_string()))
 }

@@ -1,4 +1,7 @@
 //! The daemon: opens the queue, binds the listeners, serves until shutdown, then closes in order.
+//! While it runs, [`supervise`] keeps systemd informed.
+
+mod supervise;
 
 use std::sync::Arc;
 
@@ -10,6 +13,7 @@ use crate::notify::Notifier;
 use crate::queue::Queue;
 use crate::server::{self, Listener};
 use crate::shutdown::{self, Shutdown};
+use supervise::{status_line, supervise};
 
 /// Why the daemon could not run.
 #[derive(Debug)]
@@ -92,56 +96,4 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     supervision.abort();
     tracing::info!(stored_bytes = queue.stored_bytes(), "stopped");
     Ok(())
-}
-
-/// What `systemctl status` shows.
-fn status_line(queue: &Queue) -> String {
-    let counts = queue.counts();
-    format!(
-        "{} calls queued ({} bytes stored), {} delivered",
-        counts.pending,
-        queue.stored_bytes(),
-        counts.delivered
-    )
-}
-
-/// Keeps systemd informed while the daemon runs: the queue depth in `STATUS=` every few
-/// seconds, `WATCHDOG=1` from this event loop when `WatchdogSec=` is set (so a stuck runtime
-/// gets restarted), and `STOPPING=1` with more time for the drain once shutdown begins.
-async fn supervise(
-    notifier: Arc<Notifier>,
-    queue: Queue,
-    mut shutdown: Shutdown,
-    drain_timeout: std::time::Duration,
-) {
-    const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-    let watchdog = Notifier::watchdog_interval();
-    let tick = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
-    let mut ticker = tokio::time::interval(tick);
-    let mut stopping = false;
-    let mut last_status = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.recv(), if !stopping => {
-                stopping = true;
-                // In-flight requests (up to 10 s), the drain, the final flush (5 s), the
-                // committer's stop (5 s), and a margin.
-                let extend = drain_timeout + std::time::Duration::from_secs(25);
-                notifier.notify(&format!(
-                    "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=stopping: draining {} queued calls upstream",
-                    extend.as_micros(),
-                    queue.counts().pending
-                ));
-                continue;
-            }
-        }
-        if watchdog.is_some() {
-            notifier.notify("WATCHDOG=1");
-        }
-        if !stopping && last_status.elapsed() >= STATUS_EVERY {
-            last_status = tokio::time::Instant::now();
-            notifier.notify(&format!("STATUS={}", status_line(&queue)));
-        }
-    }
 }

@@ -1,0 +1,60 @@
+//! Keeping systemd informed while the daemon runs: queue depth in `STATUS=`, the watchdog,
+//! and more time for the drain once stopping.
+
+use std::sync::Arc;
+
+use crate::notify::Notifier;
+use crate::queue::Queue;
+use crate::shutdown::Shutdown;
+
+/// What `systemctl status` shows.
+pub(super) fn status_line(queue: &Queue) -> String {
+    let counts = queue.counts();
+    format!(
+        "{} calls queued ({} bytes stored), {} delivered",
+        counts.pending,
+        queue.stored_bytes(),
+        counts.delivered
+    )
+}
+
+/// Keeps systemd informed while the daemon runs: the queue depth in `STATUS=` every few
+/// seconds, `WATCHDOG=1` from this event loop when `WatchdogSec=` is set (so a stuck runtime
+/// gets restarted), and `STOPPING=1` with more time for the drain once shutdown begins.
+pub(super) async fn supervise(
+    notifier: Arc<Notifier>,
+    queue: Queue,
+    mut shutdown: Shutdown,
+    drain_timeout: std::time::Duration,
+) {
+    const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    let watchdog = Notifier::watchdog_interval();
+    let tick = watchdog.map_or(STATUS_EVERY, |w| w.min(STATUS_EVERY));
+    let mut ticker = tokio::time::interval(tick);
+    let mut stopping = false;
+    let mut last_status = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.recv(), if !stopping => {
+                stopping = true;
+                // In-flight requests (up to 10 s), the drain, the final flush (5 s), the
+                // committer's stop (5 s), and a margin.
+                let extend = drain_timeout + std::time::Duration::from_secs(25);
+                notifier.notify(&format!(
+                    "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=stopping: draining {} queued calls upstream",
+                    extend.as_micros(),
+                    queue.counts().pending
+                ));
+                continue;
+            }
+        }
+        if watchdog.is_some() {
+            notifier.notify("WATCHDOG=1");
+        }
+        if !stopping && last_status.elapsed() >= STATUS_EVERY {
+            last_status = tokio::time::Instant::now();
+            notifier.notify(&format!("STATUS={}", status_line(&queue)));
+        }
+    }
+}
