@@ -6,6 +6,7 @@
 //! raw values, and written back only when normalising has to change something. Values we do
 //! not touch (traits, unknown keys, `null`s, numbers) therefore reach the queue byte for byte.
 
+mod normalise;
 mod pairs;
 mod scan;
 mod validate;
@@ -14,13 +15,10 @@ mod writer;
 
 use std::fmt;
 
-use serde_json::value::RawValue;
-
+use normalise::{normalise, Shared};
 use pairs::{BatchField, BatchTop, Entries};
-use scan::{scan, Scan};
-use validate::{object_field, validate};
-use value::{kind, present, string_value, Kind};
-use writer::{quoted, ObjectWriter};
+use validate::object_field;
+use value::{kind, Kind};
 
 /// Largest serialized call upstream accepts (`http-api.md`, "Sizes").
 pub const MAX_CALL_BYTES: usize = 32 * 1024;
@@ -249,162 +247,4 @@ pub fn parse_body(
             Ok(body)
         }
     }
-}
-
-/// Batch-level `context` and `integrations`, merged into every item.
-struct Shared<'a> {
-    context: Option<&'a RawValue>,
-    integrations: Option<&'a RawValue>,
-}
-
-/// Keys that never reach the queue: the writeKey travels beside the call, and `sentAt` is
-/// set afresh on every upload.
-const STRIPPED: [&str; 2] = ["writeKey", "sentAt"];
-
-/// Validates one call and returns its normalised bytes.
-fn normalise(
-    fields: &Entries<'_>,
-    path_type: Option<CallType>,
-    shared: Option<&Shared<'_>>,
-    receipt: &mut Receipt<'_>,
-) -> Result<Vec<u8>, Violation> {
-    let given_type = fields.get("type");
-    let call_type = match path_type {
-        Some(t) => t,
-        None => match given_type {
-            None => {
-                return Err(Violation::new(
-                    "missing_type",
-                    "type is required in a batch",
-                ))
-            }
-            Some(raw) => string_value(raw)
-                .and_then(|name| CallType::from_name(&name))
-                .ok_or_else(|| {
-                    Violation::new(
-                        "invalid_type",
-                        format!("type {} is not a Segment call type", raw.get()),
-                    )
-                })?,
-        },
-    };
-    validate(fields, call_type)?;
-
-    let message_id = present(fields.get("messageId"));
-    let timestamp = present(fields.get("timestamp"));
-    let context = shared.and_then(|s| s.context);
-    let integrations = shared.and_then(|s| s.integrations);
-    // Compared without allocating: this runs for every call.
-    let type_is_right = given_type.is_some_and(|raw| {
-        raw.get()
-            .strip_prefix('"')
-            .and_then(|t| t.strip_suffix('"'))
-            == Some(call_type.as_str())
-    });
-    let unchanged = type_is_right
-        && message_id.is_some()
-        && timestamp.is_some()
-        && context.is_none()
-        && integrations.is_none()
-        && !fields.has_any(&STRIPPED);
-
-    let bytes = if unchanged {
-        fields.source.as_bytes().to_vec()
-    } else {
-        let mut out = Vec::with_capacity(fields.source.len() + 128);
-        let mut writer = ObjectWriter::new(&mut out);
-        let merged_context = context.map(|c| merge(fields.get("context"), c));
-        let merged_integrations = integrations.map(|i| merge(fields.get("integrations"), i));
-        let (mut wrote_context, mut wrote_integrations) = (false, false);
-        for (key, value) in &fields.pairs {
-            match key.as_ref() {
-                k if STRIPPED.contains(&k) => {}
-                // Rewritten below where missing or null; only the last duplicate counts.
-                "type" | "messageId" | "timestamp" => {}
-                "context" if merged_context.is_some() => {
-                    if !wrote_context {
-                        writer.field("context", merged_context.as_deref().unwrap_or("{}"));
-                        wrote_context = true;
-                    }
-                }
-                "integrations" if merged_integrations.is_some() => {
-                    if !wrote_integrations {
-                        writer.field(
-                            "integrations",
-                            merged_integrations.as_deref().unwrap_or("{}"),
-                        );
-                        wrote_integrations = true;
-                    }
-                }
-                k => writer.field(k, value.get()),
-            }
-        }
-        writer.field("type", &quoted(call_type.as_str()));
-        match message_id {
-            Some(id) => writer.field("messageId", id.get()),
-            None => writer.field("messageId", &quoted(&(receipt.new_message_id)())),
-        }
-        match timestamp {
-            Some(ts) => writer.field("timestamp", ts.get()),
-            None => writer.field("timestamp", &quoted(receipt.timestamp)),
-        }
-        if let (Some(merged), false) = (&merged_context, wrote_context) {
-            writer.field("context", merged);
-        }
-        if let (Some(merged), false) = (&merged_integrations, wrote_integrations) {
-            writer.field("integrations", merged);
-        }
-        writer.finish();
-        out
-    };
-    // Checked on the call as it will be sent (batch context merged in), so that in a batch
-    // only the call is refused, never its neighbours.
-    match scan(&bytes, MAX_JSON_DEPTH) {
-        Scan::Fine => {}
-        Scan::TooDeep => {
-            return Err(Violation::new(
-                "too_deep",
-                format!("the call nests JSON deeper than {MAX_JSON_DEPTH} levels"),
-            ))
-        }
-        Scan::NumberOutOfRange => {
-            return Err(Violation::new(
-                "number_out_of_range",
-                "the call holds a number beyond a 64-bit float (e.g. 1e400)",
-            ))
-        }
-    }
-    if bytes.len() > MAX_CALL_BYTES {
-        return Err(Violation::new(
-            "call_too_large",
-            format!(
-                "the call is {} bytes serialized; at most {MAX_CALL_BYTES} are accepted",
-                bytes.len()
-            ),
-        ));
-    }
-    Ok(bytes)
-}
-
-/// Merges a batch-level object into a call's own: the call's keys win.
-fn merge(own: Option<&RawValue>, shared: &RawValue) -> String {
-    let own = present(own).and_then(|raw| Entries::parse(raw.get()).ok());
-    let Some(own) = own else {
-        return shared.get().to_owned();
-    };
-    let Ok(shared) = Entries::parse(shared.get()) else {
-        return own.source.to_owned();
-    };
-    let mut out = Vec::with_capacity(own.source.len() + shared.source.len());
-    let mut writer = ObjectWriter::new(&mut out);
-    for (key, value) in &own.pairs {
-        writer.field(key, value.get());
-    }
-    for (key, value) in &shared.pairs {
-        if own.get(key).is_none() {
-            writer.field(key, value.get());
-        }
-    }
-    writer.finish();
-    String::from_utf8(out).expect("JSON written from UTF-8 parts")
 }

@@ -85,12 +85,14 @@ fn check_message_id(fields: &Entries<'_>) -> Result<(), Violation> {
         let id = string_value(raw);
         match id {
             Some(id) if !id.is_empty() && id.chars().count() < MAX_MESSAGE_ID_CHARS => {}
-            _ => return Err(Violation::new(
-                "invalid_message_id",
-                format!(
+            _ => {
+                return Err(Violation::new(
+                    "invalid_message_id",
+                    format!(
                     "messageId must be a non-empty string under {MAX_MESSAGE_ID_CHARS} characters"
                 ),
-            )),
+                ))
+            }
         }
     }
     Ok(())
