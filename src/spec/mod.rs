@@ -5,6 +5,19 @@
 //! list of `(key, raw value)` pairs borrowed from the request bytes, checked by looking at the
 //! raw values, and written back only when normalising has to change something. Values we do
 //! not touch (traits, unknown keys, `null`s, numbers) therefore reach the queue byte for byte.
+//!
+//! # Parts
+//! | file | what it is |
+//! |---|---|
+//! | `mod.rs` | the public types and limits; `parse_body`: a body's `writeKey`, a batch's calls |
+//! | `normalise.rs` | one call: its type, kept or rewritten, batch objects merged, limits checked |
+//! | `validate.rs` | the fields each call type requires; the JSON types of the others |
+//! | `pairs.rs` | an object as its ordered `(key, raw value)` pairs; a batch body in one pass |
+//! | `value.rs` | a raw value's JSON kind, its presence, its text as a string |
+//! | `scan.rs` | the pre-scan of a call's bytes: nesting depth and the range of numbers |
+//! | `writer.rs` | a JSON object written from keys and already-serialized values |
+//!
+//! A part uses only the parts below it in this table, and what `mod.rs` defines.
 
 mod normalise;
 mod pairs;
@@ -14,6 +27,8 @@ mod value;
 mod writer;
 
 use std::fmt;
+
+use serde_json::value::RawValue;
 
 use normalise::{normalise, Shared};
 use pairs::{BatchField, BatchTop, Entries};
@@ -151,100 +166,131 @@ pub fn parse_body(
 ) -> Result<Body, Violation> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| Violation::new("invalid_json", "the body is not valid UTF-8"))?;
-    let not_parsed = |e: serde_json::Error| match e.classify() {
+    match endpoint {
+        Endpoint::Single(call_type) => single_body(text, call_type, receipt),
+        Endpoint::Batch => batch_body(text, receipt),
+    }
+}
+
+/// A single-call path's body: the call itself, which may carry a `writeKey`.
+fn single_body(
+    text: &str,
+    call_type: CallType,
+    receipt: &mut Receipt<'_>,
+) -> Result<Body, Violation> {
+    let top = Entries::parse(text).map_err(not_parsed)?;
+    let write_key = write_key(&top)?;
+    let call = normalise(&top, Some(call_type), None, receipt)?;
+    Ok(Body {
+        write_key,
+        calls: vec![call],
+        rejected: Vec::new(),
+    })
+}
+
+/// A batch body: its `writeKey`, the `context` and `integrations` its calls share, and its
+/// calls, each normalised or rejected on its own.
+fn batch_body(text: &str, receipt: &mut Receipt<'_>) -> Result<Body, Violation> {
+    // A batch's calls are split out while the body is read: reading `batch` as one raw
+    // value and then splitting it would read the whole body twice.
+    let BatchTop {
+        entries: top,
+        batch,
+    } = BatchTop::parse(text)
+        .or_else(|_| BatchTop::parse_in_two_steps(text))
+        .map_err(not_parsed)?;
+    let write_key = write_key(&top)?;
+    let shared = Shared {
+        context: object_field(&top, "context", "invalid_context")?,
+        integrations: object_field(&top, "integrations", "invalid_integrations")?,
+    };
+    let items = batch_calls(batch)?;
+    let mut body = Body {
+        write_key,
+        calls: Vec::with_capacity(items.len()),
+        rejected: Vec::new(),
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        match batch_call(index, item, &shared, receipt) {
+            Ok(call) => body.calls.push(call),
+            Err(violation) => body.rejected.push(RejectedCall {
+                index,
+                violation,
+                raw: item.get().as_bytes().to_vec(),
+            }),
+        }
+    }
+    Ok(body)
+}
+
+/// The calls in a batch body's `batch`: an array of one to [`MAX_CALLS_PER_REQUEST`] values.
+fn batch_calls(batch: Option<BatchField<'_>>) -> Result<Vec<&RawValue>, Violation> {
+    let items = match batch {
+        None => return Err(Violation::new("missing_batch", "the body has no batch")),
+        Some(BatchField::Calls(items)) => items,
+        Some(BatchField::NotArray) => {
+            return Err(Violation::new(
+                "invalid_batch",
+                "batch must be an array of calls",
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(Violation::new("empty_batch", "batch has no calls"));
+    }
+    if items.len() > MAX_CALLS_PER_REQUEST {
+        return Err(Violation::new(
+            "too_many_calls",
+            format!(
+                "batch has {} calls; at most {MAX_CALLS_PER_REQUEST} are accepted per request",
+                items.len()
+            ),
+        ));
+    }
+    Ok(items)
+}
+
+/// One call of a batch, normalised with what the batch shares.
+fn batch_call(
+    index: usize,
+    item: &RawValue,
+    shared: &Shared<'_>,
+    receipt: &mut Receipt<'_>,
+) -> Result<Vec<u8>, Violation> {
+    match Entries::parse(item.get()) {
+        Ok(fields) => normalise(&fields, None, Some(shared), receipt),
+        Err(_) => Err(Violation::new(
+            "invalid_call",
+            format!("batch[{index}] is not a JSON object"),
+        )),
+    }
+}
+
+/// The body's own `writeKey`: `None` when it is absent, `null` or empty.
+fn write_key(top: &Entries<'_>) -> Result<Option<String>, Violation> {
+    match top.get("writeKey") {
+        None => Ok(None),
+        Some(raw) => match kind(raw) {
+            Kind::Null => Ok(None),
+            Kind::String => {
+                let key: String = serde_json::from_str(raw.get())
+                    .map_err(|_| Violation::new("invalid_write_key", "writeKey is not a string"))?;
+                Ok((!key.is_empty()).then_some(key))
+            }
+            _ => Err(Violation::new(
+                "invalid_write_key",
+                "writeKey must be a string",
+            )),
+        },
+    }
+}
+
+/// Why a body that did not parse is refused: it is not JSON, or it is JSON but not an object.
+fn not_parsed(e: serde_json::Error) -> Violation {
+    match e.classify() {
         serde_json::error::Category::Data => {
             Violation::new("invalid_body", "the body must be a JSON object")
         }
         _ => Violation::new("invalid_json", format!("the body is not valid JSON: {e}")),
-    };
-    // A batch's calls are split out while the body is read: reading `batch` as one raw
-    // value and then splitting it would read the whole body twice.
-    let (top, batch) = match endpoint {
-        Endpoint::Single(_) => (Entries::parse(text).map_err(not_parsed)?, None),
-        Endpoint::Batch => {
-            let BatchTop { entries, batch } = BatchTop::parse(text)
-                .or_else(|_| BatchTop::parse_in_two_steps(text))
-                .map_err(not_parsed)?;
-            (entries, batch)
-        }
-    };
-    let write_key = match top.get("writeKey") {
-        None => None,
-        Some(raw) => match kind(raw) {
-            Kind::Null => None,
-            Kind::String => {
-                let key: String = serde_json::from_str(raw.get())
-                    .map_err(|_| Violation::new("invalid_write_key", "writeKey is not a string"))?;
-                (!key.is_empty()).then_some(key)
-            }
-            _ => {
-                return Err(Violation::new(
-                    "invalid_write_key",
-                    "writeKey must be a string",
-                ))
-            }
-        },
-    };
-
-    match endpoint {
-        Endpoint::Single(call_type) => {
-            let call = normalise(&top, Some(call_type), None, receipt)?;
-            Ok(Body {
-                write_key,
-                calls: vec![call],
-                rejected: Vec::new(),
-            })
-        }
-        Endpoint::Batch => {
-            let shared = Shared {
-                context: object_field(&top, "context", "invalid_context")?,
-                integrations: object_field(&top, "integrations", "invalid_integrations")?,
-            };
-            let items = match batch {
-                None => return Err(Violation::new("missing_batch", "the body has no batch")),
-                Some(BatchField::Calls(items)) => items,
-                Some(BatchField::NotArray) => {
-                    return Err(Violation::new(
-                        "invalid_batch",
-                        "batch must be an array of calls",
-                    ))
-                }
-            };
-            if items.is_empty() {
-                return Err(Violation::new("empty_batch", "batch has no calls"));
-            }
-            if items.len() > MAX_CALLS_PER_REQUEST {
-                return Err(Violation::new(
-                    "too_many_calls",
-                    format!(
-                        "batch has {} calls; at most {MAX_CALLS_PER_REQUEST} are accepted per request",
-                        items.len()
-                    ),
-                ));
-            }
-            let mut body = Body {
-                write_key,
-                calls: Vec::with_capacity(items.len()),
-                rejected: Vec::new(),
-            };
-            for (index, item) in items.into_iter().enumerate() {
-                let outcome = match Entries::parse(item.get()) {
-                    Ok(fields) => normalise(&fields, None, Some(&shared), receipt),
-                    Err(_) => Err(Violation::new(
-                        "invalid_call",
-                        format!("batch[{index}] is not a JSON object"),
-                    )),
-                };
-                match outcome {
-                    Ok(call) => body.calls.push(call),
-                    Err(violation) => body.rejected.push(RejectedCall {
-                        index,
-                        violation,
-                        raw: item.get().as_bytes().to_vec(),
-                    }),
-                }
-            }
-            Ok(body)
-        }
     }
 }
