@@ -5,12 +5,12 @@
 
 use serde_json::value::RawValue;
 
+use super::call::{CallType, Receipt, Violation, MAX_CALL_BYTES, MAX_JSON_DEPTH};
 use super::pairs::Entries;
 use super::scan::{scan, Scan};
 use super::validate::validate;
 use super::value::{present, string_value};
 use super::writer::{quoted, ObjectWriter};
-use super::{CallType, Receipt, Violation, MAX_CALL_BYTES, MAX_JSON_DEPTH};
 
 /// Batch-level `context` and `integrations`, merged into every item.
 pub(super) struct Shared<'a> {

@@ -4,9 +4,9 @@
 
 use serde_json::value::RawValue;
 
+use super::call::{CallType, Violation, MAX_MESSAGE_ID_CHARS};
 use super::pairs::Entries;
 use super::value::{kind, present, string_value, Kind};
-use super::{CallType, Violation, MAX_MESSAGE_ID_CHARS};
 
 /// Checks the fields that `group-call.md` requires of each call type.
 pub(super) fn validate(fields: &Entries<'_>, call_type: CallType) -> Result<(), Violation> {

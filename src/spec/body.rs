@@ -1,0 +1,151 @@
+//! A request body parsed: a single call or a batch, each call normalised and validated.
+
+use serde_json::value::RawValue;
+
+use super::call::{
+    Body, CallType, Endpoint, Receipt, RejectedCall, Violation, MAX_CALLS_PER_REQUEST,
+};
+use super::normalise::{normalise, Shared};
+use super::pairs::{BatchField, BatchTop, Entries};
+use super::validate::object_field;
+use super::value::{kind, Kind};
+
+/// Parses, normalises and validates one request body.
+///
+/// `Err` refuses the whole body (unparseable JSON, a batch that is not an array, or a bad
+/// call on a single-call path); `Ok` may still carry rejected calls of a batch.
+pub fn parse_body(
+    endpoint: Endpoint,
+    bytes: &[u8],
+    receipt: &mut Receipt<'_>,
+) -> Result<Body, Violation> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| Violation::new("invalid_json", "the body is not valid UTF-8"))?;
+    match endpoint {
+        Endpoint::Single(call_type) => single_body(text, call_type, receipt),
+        Endpoint::Batch => batch_body(text, receipt),
+    }
+}
+
+/// A single-call path's body: the call itself, which may carry a `writeKey`.
+fn single_body(
+    text: &str,
+    call_type: CallType,
+    receipt: &mut Receipt<'_>,
+) -> Result<Body, Violation> {
+    let top = Entries::parse(text).map_err(not_parsed)?;
+    let write_key = write_key(&top)?;
+    let call = normalise(&top, Some(call_type), None, receipt)?;
+    Ok(Body {
+        write_key,
+        calls: vec![call],
+        rejected: Vec::new(),
+    })
+}
+
+/// A batch body: its `writeKey`, the `context` and `integrations` its calls share, and its
+/// calls, each normalised or rejected on its own.
+fn batch_body(text: &str, receipt: &mut Receipt<'_>) -> Result<Body, Violation> {
+    // A batch's calls are split out while the body is read: reading `batch` as one raw
+    // value and then splitting it would read the whole body twice.
+    let BatchTop {
+        entries: top,
+        batch,
+    } = BatchTop::parse(text)
+        .or_else(|_| BatchTop::parse_in_two_steps(text))
+        .map_err(not_parsed)?;
+    let write_key = write_key(&top)?;
+    let shared = Shared {
+        context: object_field(&top, "context", "invalid_context")?,
+        integrations: object_field(&top, "integrations", "invalid_integrations")?,
+    };
+    let items = batch_calls(batch)?;
+    let mut body = Body {
+        write_key,
+        calls: Vec::with_capacity(items.len()),
+        rejected: Vec::new(),
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        match batch_call(index, item, &shared, receipt) {
+            Ok(call) => body.calls.push(call),
+            Err(violation) => body.rejected.push(RejectedCall {
+                index,
+                violation,
+                raw: item.get().as_bytes().to_vec(),
+            }),
+        }
+    }
+    Ok(body)
+}
+
+/// The calls in a batch body's `batch`: an array of one to [`MAX_CALLS_PER_REQUEST`] values.
+fn batch_calls(batch: Option<BatchField<'_>>) -> Result<Vec<&RawValue>, Violation> {
+    let items = match batch {
+        None => return Err(Violation::new("missing_batch", "the body has no batch")),
+        Some(BatchField::Calls(items)) => items,
+        Some(BatchField::NotArray) => {
+            return Err(Violation::new(
+                "invalid_batch",
+                "batch must be an array of calls",
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(Violation::new("empty_batch", "batch has no calls"));
+    }
+    if items.len() > MAX_CALLS_PER_REQUEST {
+        return Err(Violation::new(
+            "too_many_calls",
+            format!(
+                "batch has {} calls; at most {MAX_CALLS_PER_REQUEST} are accepted per request",
+                items.len()
+            ),
+        ));
+    }
+    Ok(items)
+}
+
+/// One call of a batch, normalised with what the batch shares.
+fn batch_call(
+    index: usize,
+    item: &RawValue,
+    shared: &Shared<'_>,
+    receipt: &mut Receipt<'_>,
+) -> Result<Vec<u8>, Violation> {
+    match Entries::parse(item.get()) {
+        Ok(fields) => normalise(&fields, None, Some(shared), receipt),
+        Err(_) => Err(Violation::new(
+            "invalid_call",
+            format!("batch[{index}] is not a JSON object"),
+        )),
+    }
+}
+
+/// The body's own `writeKey`: `None` when it is absent, `null` or empty.
+fn write_key(top: &Entries<'_>) -> Result<Option<String>, Violation> {
+    match top.get("writeKey") {
+        None => Ok(None),
+        Some(raw) => match kind(raw) {
+            Kind::Null => Ok(None),
+            Kind::String => {
+                let key: String = serde_json::from_str(raw.get())
+                    .map_err(|_| Violation::new("invalid_write_key", "writeKey is not a string"))?;
+                Ok((!key.is_empty()).then_some(key))
+            }
+            _ => Err(Violation::new(
+                "invalid_write_key",
+                "writeKey must be a string",
+            )),
+        },
+    }
+}
+
+/// Why a body that did not parse is refused: it is not JSON, or it is JSON but not an object.
+fn not_parsed(e: serde_json::Error) -> Violation {
+    match e.classify() {
+        serde_json::error::Category::Data => {
+            Violation::new("invalid_body", "the body must be a JSON object")
+        }
+        _ => Violation::new("invalid_json", format!("the body is not valid JSON: {e}")),
+    }
+}
