@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock;
 use crate::forward::UpstreamHealth;
-use crate::queue::Queue;
+use crate::queue::{DeadCause, Queue};
 
 /// What `GET /admin/status` answers and `grouprelay status` prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,12 +87,17 @@ impl Status {
         self.dead.values().sum()
     }
 
-    /// The counters alone, as `GET /stats` shows them.
+    /// The counters alone, as `GET /stats` shows them: every listed dead-letter cause, with
+    /// 0 where there is none.
     pub fn stats(&self) -> Stats {
+        let mut dead = self.dead.clone();
+        for cause in DeadCause::LISTED {
+            dead.entry(cause.as_str().to_owned()).or_insert(0);
+        }
         Stats {
             accepted: self.accepted,
             delivered: self.delivered,
-            dead: self.dead.clone(),
+            dead,
             dead_total: self.dead_total(),
             pending: self.pending,
             rejected: self.rejected,

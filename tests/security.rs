@@ -42,6 +42,10 @@ async fn only_allowed_write_keys_are_accepted() {
     assert_eq!(refused.status, 403);
     let stats = daemon.send(&get("/stats")).await.json();
     assert_eq!(stats["accepted"], 1, "{stats}");
+    // Every dead-letter cause is listed, with 0 where there is none.
+    for cause in ["rejected_by_upstream", "expired", "quarantined"] {
+        assert_eq!(stats["dead"][cause], 0, "{stats}");
+    }
     daemon.terminate();
 
     // A default key outside the list is a configuration error.

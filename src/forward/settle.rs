@@ -11,37 +11,7 @@ use super::settings::ForwardSettings;
 use super::upstream::Outcome;
 use super::{Forwarder, Sent, UpstreamHealth};
 use crate::clock;
-use crate::queue::{DeadReason, Queue, QueuedCall};
-
-/// Why the forwarder moves calls to the dead-letter store.
-#[derive(Debug, Clone, Copy)]
-enum DeadCause {
-    /// Upstream refused the call sent alone.
-    RejectedByUpstream,
-    /// The call waited longer than `max_age`.
-    Expired,
-}
-
-impl DeadCause {
-    /// The name stored with each dead letter, and by which `/stats` and `grouprelay dead`
-    /// count and select them.
-    fn as_str(self) -> &'static str {
-        match self {
-            DeadCause::RejectedByUpstream => "rejected_by_upstream",
-            DeadCause::Expired => "expired",
-        }
-    }
-
-    /// The record of why, for `Queue::dead_letter`.
-    fn reason(self, status: Option<u16>, response: String, attempts: u32) -> DeadReason {
-        DeadReason {
-            reason: self.as_str(),
-            status,
-            response,
-            attempts,
-        }
-    }
-}
+use crate::queue::{DeadCause, DeadReason, Queue, QueuedCall};
 
 /// The forwarder's parts that settle a lane's calls, borrowed apart from the lanes so that
 /// a lane can change alongside.
@@ -156,8 +126,12 @@ impl Settler<'_> {
     /// Upstream refused a call sent alone: it moves to the dead-letter store (if that fails,
     /// it stays at the lane's head, and the lane waits before trying again).
     fn refused_call(&self, lane: &mut Lane, calls: Vec<QueuedCall>, status: u16, response: String) {
-        let reason =
-            DeadCause::RejectedByUpstream.reason(Some(status), response, lane.attempts + 1);
+        let reason = DeadReason::new(
+            DeadCause::RejectedByUpstream,
+            Some(status),
+            response,
+            lane.attempts + 1,
+        );
         match self.queue.dead_letter(&calls, &reason) {
             Ok(()) => tracing::warn!(
                 status,
@@ -186,7 +160,7 @@ impl Settler<'_> {
             return;
         }
         let calls = lane.take_head(expired);
-        let reason = DeadCause::Expired.reason(None, String::new(), lane.attempts);
+        let reason = DeadReason::new(DeadCause::Expired, None, String::new(), lane.attempts);
         match self.queue.dead_letter(&calls, &reason) {
             Ok(()) => tracing::warn!(
                 calls = calls.len(),

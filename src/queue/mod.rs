@@ -76,7 +76,7 @@ use ledger::Books;
 pub use ledger::{ChunkRef, Counters, QueuedCall};
 pub use options::{Durability, QueueOptions};
 use record::rejected_record;
-pub use record::{CallRecord, DeadReason, DeadRecord, DecodeError, RejectedRecord};
+pub use record::{CallRecord, DeadCause, DeadReason, DeadRecord, DecodeError, RejectedRecord};
 use space::FreeSpace;
 
 /// Every call's fate so far, from the durable counters.

@@ -16,6 +16,7 @@ use super::layout::{
 };
 use super::ledger::{self, Books, Counters};
 use super::options::QueueOptions;
+use super::record::DeadCause;
 use super::settle::encode_counters;
 use super::space::FreeSpace;
 use super::watermark::Watermark;
@@ -167,7 +168,7 @@ fn recovered_end(
     *books
         .counters
         .dead
-        .entry("lost_on_disk".into())
+        .entry(DeadCause::LostOnDisk.as_str().into())
         .or_default() += lost;
     books.counters.next_id_floor = durable;
     tree.insert(LEDGER_KEY, encode_counters(&books.counters)?)?;

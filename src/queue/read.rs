@@ -9,7 +9,7 @@ use super::keys::{chunk_key, decode_chunk_key, done_key, LEDGER_KEY};
 use super::layout::QUARANTINE_TREE;
 use super::ledger::ChunkRef;
 use super::ledger::QueuedCall;
-use super::record;
+use super::record::{self, DeadCause};
 use super::settle::encode_counters;
 use super::Queue;
 
@@ -112,7 +112,10 @@ impl Queue {
         }
         let lost = u64::from(chunk.count).saturating_sub(books.done_in(chunk.first));
         let mut counters = books.counters.clone();
-        *counters.dead.entry("quarantined".into()).or_default() += lost;
+        *counters
+            .dead
+            .entry(DeadCause::Quarantined.as_str().into())
+            .or_default() += lost;
         counters.next_id_floor = counters.next_id_floor.max(chunk.end());
         let ledger = encode_counters(&counters)?;
         let mut entry = Vec::with_capacity(damaged.reason.len() + 1 + damaged.value.len());
@@ -133,7 +136,7 @@ impl Queue {
         crate::metrics::metrics()
             .dead_letters
             .get_or_create(&crate::metrics::ReasonLabel {
-                reason: "quarantined",
+                reason: DeadCause::Quarantined.as_str(),
             })
             .inc_by(lost);
         inner.budget.add(stored_size(entry.len()));

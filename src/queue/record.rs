@@ -196,16 +196,59 @@ pub struct DeadRecord {
     pub call: Box<RawValue>,
 }
 
+/// Why calls left the queue without being delivered: the names the counters, the
+/// dead-letter store, `/stats` and `grouprelay dead` use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadCause {
+    /// Upstream refused the call sent alone.
+    RejectedByUpstream,
+    /// The call waited longer than `--max-age`.
+    Expired,
+    /// Its chunk could not be read back (kept in the quarantine tree, not the dead letters).
+    Quarantined,
+    /// The database came back shorter than it was made durable (damage on disk).
+    LostOnDisk,
+}
+
+impl DeadCause {
+    /// The causes `/stats` always lists, with 0 where there are none.
+    pub const LISTED: [DeadCause; 3] = [
+        DeadCause::RejectedByUpstream,
+        DeadCause::Expired,
+        DeadCause::Quarantined,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadCause::RejectedByUpstream => "rejected_by_upstream",
+            DeadCause::Expired => "expired",
+            DeadCause::Quarantined => "quarantined",
+            DeadCause::LostOnDisk => "lost_on_disk",
+        }
+    }
+}
+
 /// Why calls are dead-lettered.
 #[derive(Debug, Clone)]
 pub struct DeadReason {
-    /// `rejected_by_upstream` or `expired`.
+    /// A [`DeadCause`]'s name: `rejected_by_upstream` or `expired`.
     pub reason: &'static str,
     /// Upstream's status, when it answered.
     pub status: Option<u16>,
     /// The first 1 KB of upstream's answer.
     pub response: String,
     pub attempts: u32,
+}
+
+impl DeadReason {
+    pub fn new(cause: DeadCause, status: Option<u16>, response: String, attempts: u32) -> Self {
+        DeadReason {
+            reason: cause.as_str(),
+            status,
+            response,
+            attempts,
+        }
+    }
 }
 
 /// A call ingest refused inside an accepted batch, as the rejected store keeps it.
