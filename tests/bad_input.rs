@@ -963,3 +963,96 @@ async fn broken_http_is_answered_and_harms_nothing() {
         .collect();
     assert_eq!(users, [json!("before"), json!("after")]);
 }
+
+/// A client that writes its whole request before it reads the answer (Python's
+/// `http.client` and `requests` do) gets the JSON refusal, not a connection reset: for an
+/// early refusal grouprelay reads and discards the rest of the body, within a bound, first.
+/// 8 MiB is more than the kernel buffers between the two on loopback: without the discard,
+/// the client's write fails with a broken pipe or a reset.
+#[test]
+fn a_client_that_writes_its_whole_body_first_gets_the_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let key = basic_auth(KEY);
+    let cases: [(&str, &[&str], &str, usize, u16, &str); 5] = [
+        (
+            "2 MB, over the body limit",
+            &[&key],
+            "/v1/batch",
+            2 << 20,
+            413,
+            "body_too_large",
+        ),
+        (
+            "8 MiB, over the body limit",
+            &[&key],
+            "/v1/batch",
+            8 << 20,
+            413,
+            "body_too_large",
+        ),
+        (
+            "bad authorization",
+            &["Authorization: Bearer x"],
+            "/v1/batch",
+            8 << 20,
+            401,
+            "invalid_authorization",
+        ),
+        (
+            "an encoding not taken",
+            &[&key, "Content-Encoding: br"],
+            "/v1/batch",
+            8 << 20,
+            415,
+            "unsupported_encoding",
+        ),
+        (
+            "no such endpoint",
+            &[&key],
+            "/v1/nope",
+            8 << 20,
+            404,
+            "not_found",
+        ),
+    ];
+    for (what, headers, path, size, status, code) in cases {
+        let mut all = vec![format!("Content-Length: {size}")];
+        all.extend(headers.iter().map(|h| (*h).to_owned()));
+        let request = request("POST", path, &all, &vec![b' '; size]);
+        let (head, json) =
+            write_all_then_read(daemon.addr, &request).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {head}"
+        );
+        assert_eq!(json["code"], code, "{what}: {json}");
+    }
+}
+
+/// Writes the whole request on a blocking socket, and only then reads the answer to its
+/// end: its head, and its body as JSON.
+fn write_all_then_read(
+    addr: std::net::SocketAddr,
+    request: &[u8],
+) -> Result<(String, Value), String> {
+    use std::io::Read;
+
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request)
+        .map_err(|e| format!("the request could not be written: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("the answer could not be read: {e}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no whole answer: {answer}"))?;
+    let json = serde_json::from_str(body).map_err(|e| format!("not JSON ({e}): {body}"))?;
+    Ok((head.to_owned(), json))
+}

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::answer::{json, Answer, ApiError};
+use super::body;
 use super::routes::{AdminRoute, DeadAction};
 use crate::forward::UpstreamHealth;
 use crate::queue::{DeadRecord, Queue, QueueError};
@@ -70,6 +71,7 @@ impl Admin {
     pub async fn handle(&self, route: AdminRoute, req: Request<Incoming>) -> Answer {
         let local = req.extensions().get::<LocalPeer>().is_some_and(|p| p.0);
         if !local {
+            body::discard(req).await;
             return ApiError::new(
                 StatusCode::FORBIDDEN,
                 "admin_local_only",
@@ -85,15 +87,19 @@ impl Admin {
             AdminRoute::DeadList => self.dead_list(req.uri().query().unwrap_or("")),
             AdminRoute::DeadShow(id) => self.dead_show(&id),
             AdminRoute::Dead(action) => self.dead_action(action, req).await,
-            AdminRoute::Unknown => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!(
-                    "no such admin endpoint: {} {}",
-                    req.method(),
-                    req.uri().path().trim_end_matches('/')
-                ),
-            )),
+            AdminRoute::Unknown => {
+                let refusal = ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!(
+                        "no such admin endpoint: {} {}",
+                        req.method(),
+                        req.uri().path().trim_end_matches('/')
+                    ),
+                );
+                body::discard(req).await;
+                Err(refusal)
+            }
         };
         match result {
             Ok(body) => json(StatusCode::OK, &body),

@@ -5,7 +5,8 @@ use std::io::Read;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH};
 use hyper::{Request, StatusCode};
@@ -21,7 +22,14 @@ enum Encoding {
     Gzip,
 }
 
-/// Reads the whole body, at most `limit` bytes after decoding.
+/// Most bytes of a refused request's body read and thrown away before the answer.
+const MAX_DRAIN_BYTES: u64 = 32 << 20;
+/// Longest time spent throwing a refused request's body away.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the whole body, at most `limit` bytes after decoding. A body refused for its size
+/// or encoding is read to its end (within bounds) before the refusal is returned: see
+/// [`drain`].
 pub async fn read(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -30,32 +38,38 @@ pub async fn read(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErro
             format!("the body is over {limit} bytes"),
         )
     };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(&req);
+    let encoding = match encoding(req.headers().get(CONTENT_ENCODING)) {
+        Ok(encoding) => encoding,
+        Err(refusal) => {
+            drain(req.into_body(), declared).await;
+            return Err(refusal);
+        }
+    };
+    let mut body = req.into_body();
     if declared.is_some_and(|n| n > limit as u64) {
+        drain(body, declared).await;
         return Err(too_large());
     }
-    let encoding = encoding(req.headers().get(CONTENT_ENCODING))?;
-    let collected =
-        tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), limit).collect())
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
-                    format!(
-                        "the body did not arrive within {} s",
-                        BODY_TIMEOUT.as_secs()
-                    ),
-                )
-            })?;
+    let collected = tokio::time::timeout(BODY_TIMEOUT, collect_within(&mut body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+        })?;
     let bytes = match collected {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
-        Err(e) => {
+        Ok(bytes) => bytes,
+        Err(Collect::TooLarge) => {
+            drain(body, None).await;
+            return Err(too_large());
+        }
+        Err(Collect::Failed(e)) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_body",
@@ -75,6 +89,69 @@ pub async fn read(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErro
             )),
         },
     }
+}
+
+/// Why a body was not collected.
+enum Collect {
+    /// It is longer than the limit; what is left of it is still unread.
+    TooLarge,
+    Failed(hyper::Error),
+}
+
+/// The body's frames, joined, as long as they stay within `limit` bytes.
+async fn collect_within(body: &mut Incoming, limit: usize) -> Result<Bytes, Collect> {
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(Collect::Failed)?.into_data() else {
+            continue;
+        };
+        total += data.len();
+        if total > limit {
+            return Err(Collect::TooLarge);
+        }
+        frames.push(data);
+    }
+    Ok(match frames.len() {
+        // One frame, the common case for a small body: no copy.
+        1 => frames.pop().unwrap_or_default(),
+        _ => Bytes::from(frames.concat()),
+    })
+}
+
+/// Reads and throws away what is left of a refused request's body, at most
+/// [`MAX_DRAIN_BYTES`] for at most [`DRAIN_TIMEOUT`]. A client that writes its whole request
+/// before it reads the answer (Python's `http.client` and `requests`, among others) would
+/// otherwise have its connection reset under the body it is still sending, and never see
+/// the answer. A body declared longer than the bound is not read at all.
+async fn drain(mut body: Incoming, declared: Option<u64>) {
+    if body.is_end_stream() || declared.is_some_and(|n| n > MAX_DRAIN_BYTES) {
+        return;
+    }
+    let discard = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if seen > MAX_DRAIN_BYTES {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, discard).await;
+}
+
+/// Throws away the body of a request refused before its body was read (see [`drain`]).
+pub async fn discard(req: Request<Incoming>) {
+    let declared = declared_length(&req);
+    drain(req.into_body(), declared).await;
+}
+
+/// The body's length as the client declared it (`Content-Length`), if it did.
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// `identity` (or none) and `gzip` are taken; anything else is refused.

@@ -84,7 +84,13 @@ impl Ingest {
     }
 
     async fn take(&self, endpoint: Endpoint, req: Request<Incoming>) -> Result<Answer, ApiError> {
-        let header_key = basic_auth_write_key(req.headers())?;
+        let header_key = match basic_auth_write_key(req.headers()) {
+            Ok(key) => key,
+            Err(refusal) => {
+                body::discard(req).await;
+                return Err(refusal);
+            }
+        };
         let bytes = body::read(req, self.settings.max_body_bytes).await?;
         let received = SystemTime::now();
         let timestamp = clock::rfc3339_millis(received);

@@ -106,6 +106,7 @@ impl Api {
             // HEAD is GET without the body (hyper leaves the body out).
             let method = req.method().as_str();
             if method != allowed && !(allowed == "GET" && method == "HEAD") {
+                body::discard(req).await;
                 return method_not_allowed(allowed);
             }
         }
@@ -116,12 +117,15 @@ impl Api {
             Route::Metrics => observe::metrics_exposition(&self.status()),
             Route::Calls(endpoint) => self.ingest.handle(endpoint, req).await,
             Route::Admin(route) => self.admin.handle(route, req).await,
-            Route::NotFound => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no such endpoint: {}", req.uri().path()),
-            )
-            .answer(),
+            Route::NotFound => {
+                let refusal = ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no such endpoint: {}", req.uri().path()),
+                );
+                body::discard(req).await;
+                refusal.answer()
+            }
         }
     }
 
