@@ -974,10 +974,12 @@ fn a_client_that_writes_its_whole_body_first_gets_the_refusal() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), &[]);
     let key = basic_auth(KEY);
-    let cases: [(&str, &[&str], &str, usize, u16, &str); 5] = [
+    // What, headers, path, body size, status, code.
+    type Case<'a> = (&'a str, Vec<&'a str>, &'a str, usize, u16, &'a str);
+    let cases: [Case; 5] = [
         (
             "2 MB, over the body limit",
-            &[&key],
+            vec![&key],
             "/v1/batch",
             2 << 20,
             413,
@@ -985,7 +987,7 @@ fn a_client_that_writes_its_whole_body_first_gets_the_refusal() {
         ),
         (
             "8 MiB, over the body limit",
-            &[&key],
+            vec![&key],
             "/v1/batch",
             8 << 20,
             413,
@@ -993,7 +995,7 @@ fn a_client_that_writes_its_whole_body_first_gets_the_refusal() {
         ),
         (
             "bad authorization",
-            &["Authorization: Bearer x"],
+            vec!["Authorization: Bearer x"],
             "/v1/batch",
             8 << 20,
             401,
@@ -1001,7 +1003,7 @@ fn a_client_that_writes_its_whole_body_first_gets_the_refusal() {
         ),
         (
             "an encoding not taken",
-            &[&key, "Content-Encoding: br"],
+            vec![&key, "Content-Encoding: br"],
             "/v1/batch",
             8 << 20,
             415,
@@ -1009,7 +1011,7 @@ fn a_client_that_writes_its_whole_body_first_gets_the_refusal() {
         ),
         (
             "no such endpoint",
-            &[&key],
+            vec![&key],
             "/v1/nope",
             8 << 20,
             404,
