@@ -44,6 +44,9 @@ pub struct UpstreamStatus {
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<u64>,
     pub last_delivery_at_ms: Option<u64>,
+    /// The egress proxy in use (`http://host:port`, never its credentials), if any.
+    #[serde(default)]
+    pub proxy: Option<String>,
 }
 
 /// `GET /stats`: every call's fate, from the queue's durable counters.
@@ -121,6 +124,7 @@ impl UpstreamStatus {
             last_error: health.last_error.clone(),
             last_error_at_ms: health.last_error_at_ms,
             last_delivery_at_ms: health.last_delivery_at_ms,
+            proxy: health.proxy.clone(),
         }
     }
 }

@@ -299,5 +299,8 @@ fn print_status(status: &Status) {
     if let Some(at) = upstream.last_delivery_at_ms {
         line.push_str(&format!("; last delivery at {}", time(Some(at))));
     }
+    if let Some(proxy) = &upstream.proxy {
+        line.push_str(&format!("; through the proxy {proxy}"));
+    }
     println!("{line}");
 }

@@ -103,6 +103,12 @@ impl Config {
                 ));
             }
         }
+        if let Ok(upstream) = self.upstream.url.parse::<hyper::Uri>() {
+            self.upstream
+                .proxy
+                .resolve(&upstream)
+                .map_err(|e| ConfigError::new("--upstream-proxy", e))?;
+        }
         if self.queue.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new(
                 "--data-dir",

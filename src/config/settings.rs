@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use super::error::ConfigError;
 use super::sections::{Config, LogFormat};
-use crate::forward::MAX_BATCH_EVENTS;
+use crate::forward::proxy::ProxySetting;
+use crate::forward::{load_ca_file, MAX_BATCH_EVENTS};
 use crate::queue::Durability;
 use crate::server::ListenAddr;
 
@@ -131,6 +132,25 @@ settings! {
             Ok(())
         },
         shows: |c| Some(c.upstream.url.clone());
+
+    /// Egress proxy for upstream: http://[user:password@]host:port, or none to ignore the proxy variables (the password is never logged) [default: from HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY]
+    #[arg(long, value_name = "URL", env = "GROUPRELAY_UPSTREAM_PROXY", hide_env_values = true)]
+    upstream_proxy: String,
+        apply: |c, text| {
+            c.upstream.proxy = ProxySetting::parse(&text)?;
+            Ok(())
+        },
+        shows: |_| None;
+
+    /// PEM certificates to trust for upstream's TLS beside the system's roots [default: none]
+    #[arg(long, value_name = "PATH", env = "GROUPRELAY_UPSTREAM_CA_FILE")]
+    upstream_ca_file: PathBuf,
+        apply: |c, path| {
+            load_ca_file(&path)?;
+            c.upstream.ca_file = Some(path);
+            Ok(())
+        },
+        shows: |_| None;
 
     /// writeKey for requests that carry none (never logged)
     #[arg(long, value_name = "KEY", env = "GROUPRELAY_WRITE_KEY", hide_env_values = true)]

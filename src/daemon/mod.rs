@@ -57,11 +57,16 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     let upstream = Upstream::new(&config.upstream)
         .map_err(|e| DaemonError::Runtime(format!("upstream {}: {e}", config.upstream.url)))?;
     let drain_timeout = config.forward.drain_timeout;
+    let upstream_proxy = upstream.proxy().map(str::to_owned);
     let forwarder = Forwarder::new(queue.clone(), upstream, config.forward);
     let upstream_health = forwarder.health();
     let (stop_forwarding, forwarding_shutdown) = shutdown::channel();
     let forwarding = tokio::spawn(forwarder.run(forwarding_shutdown));
-    tracing::info!(upstream = %config.upstream.url, "forwarding");
+    tracing::info!(
+        upstream = %config.upstream.url,
+        proxy = upstream_proxy.as_deref().unwrap_or("none"),
+        "forwarding"
+    );
 
     let mut listeners = Vec::with_capacity(config.listen.len());
     for addr in &config.listen {

@@ -19,7 +19,9 @@
 //! A crash between "upstream said yes" and "removed" resends that batch (same messageIds,
 //! which upstream dedupes); it never loses it.
 
+mod connect;
 mod lane;
+pub mod proxy;
 mod settings;
 mod settle;
 pub mod upstream;
@@ -33,6 +35,7 @@ use tokio::task::JoinSet;
 use crate::queue::{Queue, QueuedCall};
 use crate::shutdown::Shutdown;
 use lane::Lane;
+pub use connect::load_ca_file;
 pub use settings::{ForwardSettings, MAX_BATCH_BYTES, MAX_BATCH_EVENTS};
 use upstream::{Outcome, Upstream};
 
@@ -58,6 +61,8 @@ pub struct UpstreamHealth {
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<u64>,
     pub last_delivery_at_ms: Option<u64>,
+    /// The egress proxy in use (`http://host:port`, never its credentials), if any.
+    pub proxy: Option<String>,
 }
 
 /// A finished upstream request.
@@ -95,6 +100,10 @@ impl Forwarder {
 
     /// A forwarder for `queue`'s calls; it delivers nothing until [`Forwarder::run`].
     pub fn new(queue: Queue, upstream: Upstream, settings: ForwardSettings) -> Forwarder {
+        let health = UpstreamHealth {
+            proxy: upstream.proxy().map(str::to_owned),
+            ..UpstreamHealth::default()
+        };
         Forwarder {
             lane_capacity: settings.max_batch_events * 2,
             queue,
@@ -106,7 +115,7 @@ impl Forwarder {
             in_flight: JoinSet::new(),
             sending: HashMap::new(),
             only_skipping: false,
-            health: tokio::sync::watch::Sender::new(UpstreamHealth::default()),
+            health: tokio::sync::watch::Sender::new(health),
         }
     }
 

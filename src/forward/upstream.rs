@@ -5,19 +5,22 @@
 //! says which answers are retried and which are final.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{
-    HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+    HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, PROXY_AUTHORIZATION, RETRY_AFTER,
+    USER_AGENT,
 };
 use hyper::{Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::connect::{self, UpstreamConnector};
+use super::proxy::{Proxy, ProxySetting};
 use crate::clock;
 
 /// What upstream's answer means for the batch.
@@ -47,6 +50,10 @@ pub struct UpstreamSettings {
     pub gzip: bool,
     /// How long one request may take.
     pub timeout: Duration,
+    /// The egress proxy, if any.
+    pub proxy: ProxySetting,
+    /// PEM certificates trusted beside the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Segment's API.
@@ -60,6 +67,8 @@ impl Default for UpstreamSettings {
             url: DEFAULT_URL.to_owned(),
             gzip: true,
             timeout: DEFAULT_TIMEOUT,
+            proxy: ProxySetting::default(),
+            ca_file: None,
         }
     }
 }
@@ -67,32 +76,29 @@ impl Default for UpstreamSettings {
 /// Sends batches to one upstream base URL.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<UpstreamConnector, Full<Bytes>>,
     batch_url: hyper::Uri,
     gzip: bool,
     timeout: Duration,
     user_agent: HeaderValue,
+    /// The proxy in use, as logs and status show it.
+    proxy_shown: Option<String>,
+    /// For an `http` upstream through a proxy: requests go to the proxy in absolute form,
+    /// with its credentials; and its own refusals (407, 403) are told from upstream's.
+    absolute_form_proxy: Option<Option<HeaderValue>>,
 }
 
 impl Upstream {
-    /// A client for `settings.url` (`https://api.segment.io`), with the system's root
-    /// certificates.
+    /// A client for `settings.url` (`https://api.segment.io`), through the proxy the
+    /// settings and the environment choose, trusting the system's root certificates and
+    /// `settings.ca_file`.
     pub fn new(settings: &UpstreamSettings) -> Result<Upstream, String> {
         let batch_url: hyper::Uri = format!("{}/v1/batch", settings.url.trim_end_matches('/'))
             .parse()
             .map_err(|e| format!("upstream URL: {e}"))?;
         let https = batch_url.scheme_str() == Some("https");
-        let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
-            Ok(builder) => builder,
-            Err(e) if https => return Err(format!("no usable system root certificates: {e}")),
-            // A plain-http upstream (a local stand-in, a proxy) needs no roots.
-            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            ),
-        };
-        let connector = builder.https_or_http().enable_http1().build();
+        let proxy = settings.proxy.resolve(&batch_url)?;
+        let connector = connect::connector(proxy.as_ref(), settings.ca_file.as_deref(), https)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -103,7 +109,14 @@ impl Upstream {
             gzip: settings.gzip,
             timeout: settings.timeout,
             user_agent: HeaderValue::from_static(concat!("grouprelay/", env!("CARGO_PKG_VERSION"))),
+            proxy_shown: proxy.as_ref().map(Proxy::shown),
+            absolute_form_proxy: proxy.filter(|_| !https).map(|p| p.authorization),
         })
+    }
+
+    /// The proxy in use (`http://host:port`, never its credentials), if any.
+    pub fn proxy(&self) -> Option<&str> {
+        self.proxy_shown.as_deref()
     }
 
     /// Sends one batch. `calls` are the queued calls' JSON bytes, in order.
@@ -128,19 +141,18 @@ impl Upstream {
         if self.gzip {
             request = request.header(CONTENT_ENCODING, "gzip");
         }
+        if let Some(Some(authorization)) = &self.absolute_form_proxy {
+            request = request.header(PROXY_AUTHORIZATION, authorization.clone());
+        }
         let request = request
             .body(Full::new(Bytes::from(body)))
             .expect("a valid request");
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                let mut cause = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(inner) = source {
-                    cause = format!("{cause}: {inner}");
-                    source = inner.source();
-                }
-                cause
-            })?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| failure_cause(&e))?;
             let status = response.status();
             let after = wait_hint(status, response.headers(), SystemTime::now());
             let body = response
@@ -168,8 +180,34 @@ impl Upstream {
                 after: None,
             },
             Ok(Err(cause)) => Outcome::Retry { cause, after: None },
-            Ok(Ok((status, after, body))) => classify(status, after, &body),
+            Ok(Ok((status, after, body))) => match self.proxy_refusal(status, &body) {
+                Some(cause) => Outcome::Retry { cause, after },
+                None => classify(status, after, &body),
+            },
         }
+    }
+
+    /// Through a proxy in absolute form, the proxy's own refusals come back as answers:
+    /// 407 (it wants credentials) always, and a 403 that is not upstream's JSON. They are
+    /// failures to reach upstream, retried, never a verdict on the calls.
+    fn proxy_refusal(&self, status: StatusCode, body: &[u8]) -> Option<String> {
+        self.absolute_form_proxy.as_ref()?;
+        let proxy = self.proxy_shown.as_deref().unwrap_or("?");
+        let from_proxy = status == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            || (status == StatusCode::FORBIDDEN
+                && serde_json::from_slice::<serde_json::Value>(body).is_err());
+        from_proxy.then(|| format!("the proxy {proxy} refused the request: {status}"))
+    }
+}
+
+/// Why a request got no answer, on one line; a certificate upstream's TLS is not trusted
+/// with says so first.
+fn failure_cause(error: &hyper_util::client::legacy::Error) -> String {
+    let chain = connect::error_chain(error);
+    if chain.contains("certificate") {
+        format!("upstream's TLS certificate is not trusted (see --upstream-ca-file): {chain}")
+    } else {
+        chain
     }
 }
 
