@@ -64,7 +64,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     let forwarding = tokio::spawn(forwarder.run(forwarding_shutdown));
     tracing::info!(
         upstream = %config.upstream.url,
-        proxy = upstream_proxy.as_deref().unwrap_or("none"),
+        proxy = %upstream_proxy.as_deref().unwrap_or("none"),
         "forwarding"
     );
 

@@ -76,8 +76,7 @@ fn roots(ca_file: Option<&Path>, https: bool) -> Result<RootCertStore, String> {
 
 /// The PEM certificates in `path`; an error names the file and says what is wrong with it.
 pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
@@ -122,9 +121,10 @@ impl tower_service::Service<Uri> for ProxyConnector {
             let (stream, absolute_form) = match via {
                 Via::Direct => (http.call(dst).await?, false),
                 Via::Tunnel(mut tunnel, shown) => {
-                    let stream = tunnel.call(dst).await.map_err(|e| {
-                        format!("through the proxy {shown}: {}", error_chain(&e))
-                    })?;
+                    let stream = tunnel
+                        .call(dst)
+                        .await
+                        .map_err(|e| format!("through the proxy {shown}: {}", error_chain(&e)))?;
                     (stream, false)
                 }
                 Via::AbsoluteForm(proxy, shown) => {
@@ -189,10 +189,7 @@ impl hyper::rt::Write for ProxyStream {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -34,8 +34,8 @@ use tokio::task::JoinSet;
 
 use crate::queue::{Queue, QueuedCall};
 use crate::shutdown::Shutdown;
-use lane::Lane;
 pub use connect::load_ca_file;
+use lane::Lane;
 pub use settings::{ForwardSettings, MAX_BATCH_BYTES, MAX_BATCH_EVENTS};
 use upstream::{Outcome, Upstream};
 

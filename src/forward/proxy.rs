@@ -47,7 +47,10 @@ impl ProxySetting {
         let matcher = match self {
             ProxySetting::None => return Ok(None),
             ProxySetting::Url(url) => Matcher::builder().all(url.as_str()).build(),
-            ProxySetting::Environment => environment_matcher(),
+            ProxySetting::Environment => match environment_matcher() {
+                Some(matcher) => matcher,
+                None => return Ok(None),
+            },
         };
         let Some(intercept) = matcher.intercept(upstream) else {
             return match self {
@@ -93,20 +96,28 @@ impl Proxy {
     }
 }
 
-/// The standard variables, lower case first where both are set (as curl reads them).
-fn environment_matcher() -> Matcher {
+/// The standard variables, lower case first where both are set (as curl reads them);
+/// `None` when `NO_PROXY` is `*`, which bypasses the proxy for every host (hyper-util's
+/// matcher applies `*` to names only, not to IP addresses).
+fn environment_matcher() -> Option<Matcher> {
     let var = |name: &str| {
         [name.to_ascii_lowercase(), name.to_owned()]
             .iter()
             .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
             .unwrap_or_default()
     };
-    Matcher::builder()
-        .all(var("ALL_PROXY"))
-        .http(var("HTTP_PROXY"))
-        .https(var("HTTPS_PROXY"))
-        .no(var("NO_PROXY"))
-        .build()
+    let no_proxy = var("NO_PROXY");
+    if no_proxy.split(',').any(|entry| entry.trim() == "*") {
+        return None;
+    }
+    Some(
+        Matcher::builder()
+            .all(var("ALL_PROXY"))
+            .http(var("HTTP_PROXY"))
+            .https(var("HTTPS_PROXY"))
+            .no(no_proxy)
+            .build(),
+    )
 }
 
 #[cfg(test)]

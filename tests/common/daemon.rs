@@ -5,10 +5,10 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use super::http::{send_tcp, Response};
+use super::log::Log;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_grouprelay");
 
@@ -19,22 +19,6 @@ pub struct Daemon {
     pub data_dir: PathBuf,
     /// Everything the daemon has written to stderr so far.
     pub log: Arc<Log>,
-}
-
-/// The daemon's stderr, and a way to wait for a line.
-#[derive(Default)]
-pub struct Log {
-    text: Mutex<String>,
-    grew: Condvar,
-}
-
-impl Log {
-    fn push(&self, line: &str) {
-        let mut text = self.text.lock().unwrap();
-        text.push_str(line);
-        text.push('\n');
-        self.grew.notify_all();
-    }
 }
 
 impl Daemon {
@@ -79,6 +63,13 @@ impl Daemon {
             .args(defaults)
             .args(args)
             .env("RUST_LOG", "info")
+            // The test's own environment must not send upstream calls through a proxy.
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -107,7 +98,7 @@ impl Daemon {
             let status = child.wait().unwrap();
             return Err(format!(
                 "grouprelay exited ({status}) before listening:\n{}",
-                log.text.lock().unwrap()
+                log.text()
             ));
         };
         let sink = log.clone();
@@ -156,7 +147,7 @@ impl Daemon {
     }
 
     pub fn log_text(&self) -> String {
-        self.log.text.lock().unwrap().clone()
+        self.log.text()
     }
 
     /// Waits until the daemon has logged a line containing `needle` (at most 60 s, then
@@ -169,21 +160,9 @@ impl Daemon {
     pub async fn wait_for_log_count(&self, needle: &str, count: usize) {
         let log = self.log.clone();
         let needle = needle.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let text = log.text.lock().unwrap();
-            let (text, timeout) = log
-                .grew
-                .wait_timeout_while(text, Duration::from_secs(60), |t| {
-                    t.lines().filter(|l| l.contains(&needle)).count() < count
-                })
-                .unwrap();
-            assert!(
-                !timeout.timed_out(),
-                "the daemon never logged {needle:?}:\n{text}"
-            );
-        })
-        .await
-        .unwrap();
+        tokio::task::spawn_blocking(move || log.wait_for("the daemon", &needle, count))
+            .await
+            .unwrap();
     }
 }
 

@@ -12,6 +12,8 @@ use super::http::basic_credentials;
 /// The stand-in, listening until stopped or dropped with the runtime.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// Whether it speaks TLS (`https://`).
+    tls: bool,
     state: Arc<UpstreamState>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -73,6 +75,22 @@ impl Upstream {
         addr: SocketAddr,
         script: impl FnMut(&Recorded) -> Reply + Send + 'static,
     ) -> Upstream {
+        Upstream::serve(addr, None, script).await
+    }
+
+    /// A stand-in that speaks TLS with `server`'s certificate (see `TestCa`).
+    pub async fn start_tls(
+        server: Arc<rustls::ServerConfig>,
+        script: impl FnMut(&Recorded) -> Reply + Send + 'static,
+    ) -> Upstream {
+        Upstream::serve("127.0.0.1:0".parse().unwrap(), Some(server), script).await
+    }
+
+    async fn serve(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        script: impl FnMut(&Recorded) -> Reply + Send + 'static,
+    ) -> Upstream {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind stand-in");
@@ -83,24 +101,44 @@ impl Upstream {
             changed: tokio::sync::Notify::new(),
         });
         let shared = state.clone();
+        let is_tls = tls.is_some();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let state = shared.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { answer(state, req).await }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match acceptor {
+                        // A client that does not trust the certificate fails the handshake.
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => {
+                                http.serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                        None => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                    };
                 });
             }
         });
-        Upstream { addr, state, task }
+        Upstream {
+            addr,
+            tls: is_tls,
+            state,
+            task,
+        }
     }
 
     /// A stand-in that answers 200 while the switch it returns is on, else 503.
@@ -116,7 +154,8 @@ impl Upstream {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
