@@ -113,7 +113,9 @@ async fn no_proxy_and_none_go_direct() {
     let upstream = Upstream::start(|_| Reply::Status(200)).await;
     let url = upstream.url();
     let dead_proxy = "http://127.0.0.1:9";
-    let bypasses: [(&str, Vec<&str>, Vec<(&str, &str)>); 3] = [
+    // What, extra flags, environment.
+    type Bypass<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
+    let bypasses: [Bypass; 3] = [
         (
             "NO_PROXY names the host",
             vec![],
