@@ -1,7 +1,7 @@
 //! Egress through a real forward proxy (tinyproxy) and TLS with an extra CA: calls reach
 //! upstream through the proxy the settings or the variables name, a refusing proxy or an
 //! untrusted certificate keeps them queued (retried, never dead-lettered), and the proxy's
-//! password appears nowhere: not in logs at debug level, not in `validate`, not in status.
+//! password appears nowhere: not in logs at trace level, not in `validate`, not in status.
 
 mod common;
 
@@ -54,7 +54,7 @@ async fn https_upstream_through_an_authenticating_proxy_from_the_variables() {
     let daemon = Daemon::start_with_env(
         &data,
         &daemon_args(&url, &["--upstream-ca-file", ca_file.to_str().unwrap()]),
-        &[("HTTPS_PROXY", &proxy_url), ("RUST_LOG", "debug")],
+        &[("HTTPS_PROXY", &proxy_url), ("RUST_LOG", "trace")],
     );
     send_one(&daemon, "through-connect").await;
     upstream.wait_delivered(1).await;
@@ -99,7 +99,7 @@ async fn http_upstream_through_the_setting_in_absolute_form() {
         &dir.path().join("data"),
         &daemon_args(&url, &["--upstream-proxy", &proxy_url]),
         // The setting wins over the variables.
-        &[("HTTP_PROXY", "http://127.0.0.1:9"), ("RUST_LOG", "debug")],
+        &[("HTTP_PROXY", "http://127.0.0.1:9"), ("RUST_LOG", "trace")],
     );
     send_one(&daemon, "absolute-form").await;
     upstream.wait_delivered(1).await;
