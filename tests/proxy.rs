@@ -229,33 +229,50 @@ async fn a_refusing_proxy_keeps_the_calls_queued() {
 
 /// An upstream whose certificate is not trusted: pending, retried, never dead-lettered, and
 /// the log says it is a certificate problem; the same upstream with `--upstream-ca-file`
-/// gets the call.
+/// gets the call. Directly, and through an open proxy (a CONNECT without credentials).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_certificate_is_retried_until_its_ca_is_given() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new();
     let ca_file = ca.write_ca(dir.path());
+    let ca_path = ca_file.to_str().unwrap();
     let upstream = Upstream::start_tls(ca.server.clone(), |_| Reply::Status(200)).await;
     let url = upstream.url();
-    let data = dir.path().join("data");
-    let daemon = Daemon::start(&data, &daemon_args(&url, &[]));
-    send_one(&daemon, "untrusted").await;
-    daemon.wait_for_log_count("retrying", 2).await;
-    let log = daemon.log_text();
-    assert!(log.contains("certificate is not trusted"), "{log}");
-    let stats = daemon.send(&common::get("/stats")).await.json();
-    assert_eq!(
-        (stats["pending"].as_u64(), stats["dead_total"].as_u64()),
-        (Some(1), Some(0))
+    let open_proxy = tinyproxy().map(|binary| TinyProxy::start(&binary, dir.path(), Access::Open));
+    let mut ways = vec![("directly", "none".to_owned())];
+    ways.extend(
+        open_proxy
+            .as_ref()
+            .map(|p| ("through an open proxy", p.url(None))),
     );
-    daemon.terminate();
+    for (n, (how, proxy)) in ways.iter().enumerate() {
+        let data = dir.path().join(format!("data-{n}"));
+        let daemon = Daemon::start(&data, &daemon_args(&url, &["--upstream-proxy", proxy]));
+        send_one(&daemon, &format!("untrusted-{n}")).await;
+        daemon.wait_for_log_count("retrying", 2).await;
+        let log = daemon.log_text();
+        assert!(log.contains("certificate is not trusted"), "{how}: {log}");
+        let stats = daemon.send(&common::get("/stats")).await.json();
+        assert_eq!(
+            (stats["pending"].as_u64(), stats["dead_total"].as_u64()),
+            (Some(1), Some(0)),
+            "{how}"
+        );
+        daemon.terminate();
 
-    let daemon = Daemon::start(
-        &data,
-        &daemon_args(&url, &["--upstream-ca-file", ca_file.to_str().unwrap()]),
-    );
-    upstream.wait_delivered(1).await;
-    daemon.terminate();
+        let daemon = Daemon::start(
+            &data,
+            &daemon_args(
+                &url,
+                &["--upstream-proxy", proxy, "--upstream-ca-file", ca_path],
+            ),
+        );
+        upstream.wait_delivered(n + 1).await;
+        daemon.terminate();
+    }
+    if let Some(proxy) = open_proxy {
+        proxy.wait_for_log(&format!("CONNECT {}", upstream.addr));
+    }
 }
 
 #[test]
