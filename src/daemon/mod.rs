@@ -56,7 +56,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
 
     let upstream = Upstream::new(&config.upstream)
         .map_err(|e| DaemonError::Runtime(format!("upstream {}: {e}", config.upstream.url)))?;
-    let drain_timeout = config.forward.drain_timeout;
+    // What stopping may take the forwarder: the drain, then settling the batches in flight.
+    let forwarder_stop = config.forward.drain_timeout + config.upstream.timeout;
     let upstream_proxy = upstream.proxy().map(str::to_owned);
     let forwarder = Forwarder::new(queue.clone(), upstream, config.forward);
     let upstream_health = forwarder.health();
@@ -85,7 +86,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
         notifier.clone(),
         queue.clone(),
         shutdown.clone(),
-        drain_timeout,
+        forwarder_stop,
     ));
     let api = Arc::new(Api::new(queue.clone(), config.ingest, upstream_health));
     server::run(listeners, api, config.server, shutdown).await;

@@ -25,7 +25,7 @@ pub(super) async fn supervise(
     notifier: Arc<Notifier>,
     queue: Queue,
     mut shutdown: Shutdown,
-    drain_timeout: std::time::Duration,
+    forwarder_stop: std::time::Duration,
 ) {
     const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
     let watchdog = Notifier::watchdog_interval();
@@ -38,9 +38,10 @@ pub(super) async fn supervise(
             _ = ticker.tick() => {}
             _ = shutdown.recv(), if !stopping => {
                 stopping = true;
-                // In-flight requests (up to 10 s), the drain, the final flush (5 s), the
-                // committer's stop (5 s), and a margin.
-                let extend = drain_timeout + std::time::Duration::from_secs(25);
+                // In-flight client requests (up to 10 s), the forwarder's drain and its
+                // batches in flight, the final flush (5 s), the committer's stop (5 s), and a
+                // margin.
+                let extend = forwarder_stop + std::time::Duration::from_secs(25);
                 notifier.notify(&format!(
                     "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=stopping: draining {} queued calls upstream",
                     extend.as_micros(),

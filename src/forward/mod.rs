@@ -49,6 +49,9 @@ const SKIP_WINDOW: u64 = 20_000;
 const SKIP_SCAN_PAUSE: Duration = Duration::from_millis(50);
 /// Before reading again after the queue failed to read.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Beyond the upstream timeout, what settling the batches in flight may take at shutdown
+/// (compressing a batch before its request, removing it from the queue after).
+const SETTLE_MARGIN: Duration = Duration::from_secs(2);
 /// The soonest the loop wakes by timer.
 const MIN_WAKE: Duration = Duration::from_millis(1);
 
@@ -120,7 +123,8 @@ impl Forwarder {
     }
 
     /// Delivers the queue until `shutdown` fires, then keeps delivering for up to
-    /// `drain_timeout` (sending partial batches at once); what is left stays queued.
+    /// `drain_timeout` (sending partial batches at once); then starts no new batch, settles
+    /// those in flight, and leaves the rest queued.
     pub async fn run(mut self, mut shutdown: Shutdown) {
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -152,8 +156,8 @@ impl Forwarder {
                     drain_deadline = Some(tokio::time::Instant::now() + self.settings.drain_timeout);
                 }
                 _ = sleep_until(drain_deadline), if draining => {
-                    tracing::info!(in_flight = self.in_flight.len(), "drain timeout reached; the rest stays queued");
-                    self.in_flight.shutdown().await;
+                    tracing::info!(in_flight = self.in_flight.len(), "drain timeout reached; settling the batches in flight, the rest stays queued");
+                    self.settle_in_flight().await;
                     return;
                 }
             }
@@ -400,6 +404,28 @@ impl Forwarder {
             .min()
             // Never a time already past: a lane that could not start must not spin the loop.
             .map(|at| at.max(now + MIN_WAKE))
+    }
+
+    /// At the drain deadline: each batch in flight is waited for (its request is bounded by
+    /// `--upstream-timeout-ms`) and settled. Abandoning one would send it again after the
+    /// restart, although upstream most likely took it a moment later.
+    async fn settle_in_flight(&mut self) {
+        let bound = self.upstream.timeout() + SETTLE_MARGIN;
+        let settle = async {
+            while let Some(done) = self.in_flight.join_next_with_id().await {
+                match done {
+                    Ok((id, sent)) => {
+                        self.sending.remove(&id);
+                        self.finish(sent);
+                    }
+                    Err(e) => self.lost(e),
+                }
+            }
+        };
+        if tokio::time::timeout(bound, settle).await.is_err() {
+            tracing::warn!("batches in flight did not finish; they stay queued and are sent again");
+            self.in_flight.shutdown().await;
+        }
     }
 
     /// Nothing buffered, skipped or in flight, and nothing new to read.

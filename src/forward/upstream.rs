@@ -114,6 +114,11 @@ impl Upstream {
         })
     }
 
+    /// How long one request may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The proxy in use (`http://host:port`, never its credentials), if any.
     pub fn proxy(&self) -> Option<&str> {
         self.proxy_shown.as_deref()

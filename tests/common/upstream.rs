@@ -56,6 +56,10 @@ pub enum Reply {
     WithHeaders(u16, Vec<(&'static str, String)>),
     /// Never answer (the client's timeout must fire).
     Stall,
+    /// Take the request at once (it is recorded as answered with the status, whatever
+    /// becomes of the connection), and answer after the delay: an upstream that has the
+    /// calls before the client hears so.
+    After(Duration, u16),
 }
 
 type Script = Box<dyn FnMut(&Recorded) -> Reply + Send>;
@@ -277,6 +281,13 @@ async fn answer(
     let (status, headers) = match reply {
         Reply::Status(status) => (status, Vec::new()),
         Reply::WithHeaders(status, headers) => (status, headers),
+        Reply::After(delay, status) => {
+            recorded.answered = status;
+            state.requests.lock().unwrap().push(recorded);
+            state.changed.notify_waiters();
+            tokio::time::sleep(delay).await;
+            return Ok(scripted_answer(status, Vec::new()));
+        }
         Reply::Stall => {
             recorded.answered = 0;
             state.requests.lock().unwrap().push(recorded);
@@ -288,6 +299,14 @@ async fn answer(
     recorded.answered = status;
     state.requests.lock().unwrap().push(recorded);
     state.changed.notify_waiters();
+    Ok(scripted_answer(status, headers))
+}
+
+/// The stand-in's answer: `{"success":true}` for 2xx, a JSON error otherwise.
+fn scripted_answer(
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     let body = if (200..300).contains(&status) {
         r#"{"success":true}"#
     } else {
@@ -298,5 +317,5 @@ async fn answer(
     for (name, value) in headers {
         response.headers_mut().insert(name, value.parse().unwrap());
     }
-    Ok(response)
+    response
 }
