@@ -7,6 +7,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use grouprelay::admin;
 use grouprelay::config::{settings, Config, LogFormat, Settings};
 use grouprelay::daemon::{self, DaemonError};
+use grouprelay::server::Inherited;
 use grouprelay::shutdown;
 
 /// A durable localhost relay for Segment calls: every call answered 200 is on disk.
@@ -69,6 +70,13 @@ fn main() -> ExitCode {
         println!("configuration ok");
         return ExitCode::SUCCESS;
     }
+    let inherited = match grouprelay::server::take_inherited() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("grouprelay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     init_tracing(config.log_format);
     limit_malloc_arenas();
     raise_open_files_limit();
@@ -82,7 +90,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(run(config));
+    let outcome = runtime.block_on(run(config, inherited));
     // Do not wait on a blocking task stuck in the filesystem (a flush after an I/O error).
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {
@@ -99,7 +107,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> Result<(), DaemonError> {
+async fn run(config: Config, inherited: Vec<Inherited>) -> Result<(), DaemonError> {
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
         match shutdown::signal().await {
@@ -111,7 +119,7 @@ async fn run(config: Config) -> Result<(), DaemonError> {
             Err(e) => tracing::error!(error = %e, "cannot listen for signals"),
         }
     });
-    daemon::run(config, shutdown).await
+    daemon::run(config, inherited, shutdown).await
 }
 
 /// glibc gives each thread that allocates its own arena, and memory freed in one is rarely

@@ -69,3 +69,106 @@ async fn stops_during_a_drain_send_no_call_twice() {
         twice.first()
     );
 }
+
+/// Restarts behind sockets the service manager holds (here the test holds them, as systemd
+/// does, and passes them with `LISTEN_FDS`): writers on keep-alive connections send calls
+/// without pause through five restarts. No connection is refused (a connection the old
+/// process closes is opened again, and a call it did not answer is sent again); every call
+/// answered 200 is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_behind_held_sockets_refuse_no_connection() {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start(|_| Reply::Status(200)).await;
+    let url = upstream.url();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let socket_path = dir.path().join("grouprelay.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&socket_path).unwrap();
+    let sockets = [tcp.as_raw_fd(), unix.as_raw_fd()];
+    let data = dir.path().join("data");
+    let args = ["--upstream", url.as_str(), "--drain-timeout-ms", "200"];
+    let mut daemon = Daemon::start_with_sockets(&data, &args, &sockets);
+    assert_eq!(daemon.addr, addr, "the daemon serves the passed TCP socket");
+
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (acknowledged, refused, stop, progress) = (
+            acknowledged.clone(),
+            refused.clone(),
+            stop.clone(),
+            progress.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let id = format!("w{w}-{n}");
+                let body = numbered(&id).to_string();
+                let request = hyper::Request::post(format!("http://{addr}/v1/group"))
+                    .header(
+                        "authorization",
+                        common::basic_auth(KEY).split_once(": ").unwrap().1,
+                    )
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    .unwrap();
+                match client.request(request).await {
+                    Ok(response) if response.status() == 200 => {
+                        acknowledged.lock().unwrap().push(format!("m{id}"));
+                        progress.notify_waiters();
+                        n += 1;
+                    }
+                    Ok(response) => panic!("{id}: answered {}", response.status()),
+                    Err(e) => {
+                        let chain = format!("{e:?}");
+                        if chain.contains("ConnectionRefused") {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // Not answered (the old process closed the connection): send again.
+                    }
+                }
+            }
+        }));
+    }
+    for restart in 0..5 {
+        // Let calls flow, then restart under them.
+        let target = acknowledged.lock().unwrap().len() + 200;
+        while acknowledged.lock().unwrap().len() < target {
+            let notified = progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if acknowledged.lock().unwrap().len() >= target {
+                break;
+            }
+            notified.await;
+        }
+        assert!(daemon.terminate().success(), "restart {restart}");
+        daemon = Daemon::start_with_sockets(&data, &args, &sockets);
+        let over_unix = common::send_unix(&socket_path, &common::get("/health")).await;
+        assert_eq!(over_unix.status, 200, "the passed Unix socket is served");
+    }
+    stop.store(true, Ordering::SeqCst);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let acknowledged: std::collections::HashSet<String> =
+        acknowledged.lock().unwrap().iter().cloned().collect();
+    assert!(acknowledged.len() >= 1000, "{} calls", acknowledged.len());
+    upstream.wait_delivered_ids(&acknowledged).await;
+    assert_eq!(refused.load(Ordering::SeqCst), 0, "connections refused");
+    assert!(daemon.terminate().success());
+    assert!(
+        socket_path.exists(),
+        "the passed socket file is left in place"
+    );
+}

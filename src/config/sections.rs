@@ -15,6 +15,9 @@ use super::error::ConfigError;
 pub struct Config {
     /// Where to listen.
     pub listen: Vec<ListenAddr>,
+    /// Whether `listen` was given (not the default): with sockets passed by the service
+    /// manager, only a given `listen` is bound as well.
+    pub listen_given: bool,
     /// Whether `listen` may name addresses beyond loopback.
     pub allow_remote: bool,
     /// How connections are served.
@@ -36,6 +39,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             listen: vec![ListenAddr::Tcp(DEFAULT_LISTEN)],
+            listen_given: false,
             allow_remote: false,
             server: ServerSettings::default(),
             ingest: IngestSettings::default(),

@@ -104,6 +104,7 @@ settings! {
                 return Err("at least one address is needed".into());
             }
             c.listen = addrs.iter().map(|a| ListenAddr::parse(a)).collect::<Result<_, _>>()?;
+            c.listen_given = true;
             Ok(())
         },
         shows: |c| Some(c.listen.iter().map(ListenAddr::as_setting).collect::<Vec<_>>().join(","));

@@ -11,7 +11,7 @@ use crate::forward::Forwarder;
 use crate::http::Api;
 use crate::notify::Notifier;
 use crate::queue::Queue;
-use crate::server::{self, Listener};
+use crate::server::{self, Inherited, Listener};
 use crate::shutdown::{self, Shutdown};
 use supervise::{status_line, supervise};
 
@@ -37,7 +37,14 @@ impl std::fmt::Display for DaemonError {
 /// forwarder is delivering the backlog before any listener accepts; on shutdown the
 /// listeners stop and answer what is in flight, then the forwarder drains for up to
 /// `drain_timeout`, then the queue is made durable and closed.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    inherited: Vec<Inherited>,
+    shutdown: Shutdown,
+) -> Result<(), DaemonError> {
+    // Listening first: a port in use is reported before anything else starts, and clients
+    // that connect while the queue opens wait in the backlog.
+    let listeners = listen(&config, inherited).await?;
     let data_dir = config.queue.data_dir.clone();
     let durability = config.queue.durability;
     config::create_data_dir(&data_dir).map_err(DaemonError::Config)?;
@@ -69,16 +76,6 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
         "forwarding"
     );
 
-    let mut listeners = Vec::with_capacity(config.listen.len());
-    for addr in &config.listen {
-        let listener = Listener::bind(addr)
-            .await
-            .map_err(|e| DaemonError::Runtime(format!("cannot listen on {addr}: {e}")))?;
-        let bound = listener.local_addr().unwrap_or_else(|_| addr.clone());
-        tracing::info!("listening on {bound}");
-        listeners.push(listener);
-    }
-
     tracing::info!("grouprelay ready");
     let notifier = Arc::new(Notifier::from_env());
     notifier.notify(&format!("READY=1\nSTATUS={}", status_line(&queue)));
@@ -102,4 +99,23 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DaemonError> 
     supervision.abort();
     tracing::info!(stored_bytes = queue.stored_bytes(), "stopped");
     Ok(())
+}
+
+/// The listeners: the sockets the service manager passed, held to the loopback rule like
+/// `--listen`, and the addresses to bind.
+async fn listen(config: &Config, inherited: Vec<Inherited>) -> Result<Vec<Listener>, DaemonError> {
+    if let Some(remote) = inherited.iter().find(|socket| !socket.addr.is_local()) {
+        if !config.allow_remote {
+            return Err(DaemonError::Config(ConfigError {
+                setting: "--listen".into(),
+                problem: format!(
+                    "the passed socket {} is not a loopback address; pass --allow-remote to listen on it",
+                    remote.addr.as_setting()
+                ),
+            }));
+        }
+    }
+    server::open(&config.listen, config.listen_given, inherited)
+        .await
+        .map_err(DaemonError::Runtime)
 }

@@ -19,7 +19,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::http::{Api, LocalPeer};
 use crate::shutdown::Shutdown;
-pub use listen::{ListenAddr, Listener, DEFAULT_LISTEN};
+pub use listen::{
+    open, take_inherited, Inherited, ListenAddr, Listener, SocketFile, DEFAULT_LISTEN,
+};
 
 /// The connection's read buffer.
 const MAX_READ_BUFFER: usize = 64 * 1024;
@@ -105,7 +107,7 @@ async fn serve(listener: Listener, shared: Arc<Shared>, mut shutdown: Shutdown) 
             }
         }
     }
-    if let Listener::Unix(_, path) = &listener {
+    if let Listener::Unix(_, path, SocketFile::Ours) = &listener {
         let _ = std::fs::remove_file(path);
     }
     drop(listener);
@@ -125,7 +127,7 @@ enum Stream {
 async fn accept(listener: &Listener) -> io::Result<Stream> {
     match listener {
         Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
-        Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        Listener::Unix(l, _, _) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
     }
 }
 

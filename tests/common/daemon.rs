@@ -3,6 +3,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
@@ -45,6 +47,57 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Daemon, String> {
+        let mut command = Command::new(BIN);
+        command.arg("run").args(["--listen", "127.0.0.1:0"]);
+        Daemon::spawn(command, data_dir, args, env)
+    }
+
+    /// Starts the daemon as systemd's socket activation would: `sockets` (listening
+    /// descriptors the test holds) passed as descriptors 3, 4, ... with `LISTEN_FDS` and
+    /// `LISTEN_PID`, and no `--listen` of its own unless `args` give one.
+    pub fn start_with_sockets(data_dir: &Path, args: &[&str], sockets: &[RawFd]) -> Daemon {
+        let mut command = Command::new("/bin/sh");
+        // `$$` is the shell's pid, which `exec` hands on to grouprelay.
+        command.args([
+            "-c",
+            &format!(
+                "LISTEN_PID=$$ LISTEN_FDS={} exec \"$0\" run \"$@\"",
+                sockets.len()
+            ),
+            BIN,
+        ]);
+        let sockets = sockets.to_vec();
+        // SAFETY: only dup and dup2, which are async-signal-safe, run between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Out of the way first: a socket may already sit at 3 or 4.
+                let mut moved = Vec::with_capacity(sockets.len());
+                for &fd in &sockets {
+                    let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                    if high < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    moved.push(high);
+                }
+                for (i, &fd) in moved.iter().enumerate() {
+                    if libc::dup2(fd, 3 + i as RawFd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        Daemon::spawn(command, data_dir, args, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Spawns `command` (grouprelay, told to run) with the test defaults, and waits until
+    /// it is ready.
+    fn spawn(
+        mut command: Command,
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
         let mut defaults = Vec::new();
         // No free-space floor unless a test asks: test machines may have little disk free.
         for (flag, value) in [
@@ -56,9 +109,8 @@ impl Daemon {
                 defaults.extend([flag, value]);
             }
         }
-        let mut child = Command::new(BIN)
-            .arg("run")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        let mut child = command
+            .arg("--data-dir")
             .arg(data_dir)
             .args(defaults)
             .args(args)
