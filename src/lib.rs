@@ -17,6 +17,7 @@
 //! | [`metrics`] | the counters and histograms `GET /metrics` serves |
 //! | [`notify`] | systemd's `Type=notify` protocol: ready, status, watchdog, stopping |
 //! | [`clock`] | timestamps as Segment writes them |
+//! | [`human`] | counts and sizes as an operator reads them ("1 call", "1.4 MB") |
 //! | [`dirsync`] | directory fsyncs: a file's name survives power loss only once its directory is synced |
 //! | [`failpoint`] | test hooks: abort at a named point to prove a crash there loses nothing |
 //!
@@ -44,6 +45,7 @@ pub mod dirsync;
 pub mod failpoint;
 pub mod forward;
 pub mod http;
+pub mod human;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

@@ -85,8 +85,10 @@ async fn status_and_dead_letters_list_show_replay_and_purge() {
     let first_id = fields[0].to_owned();
     let second_id = lines[1].split('\t').next().unwrap().to_owned();
 
-    let (code, out, _) = grouprelay(&["dead", "list", "--reason", "expired", "--url", &url]).await;
+    let (code, out, err) =
+        grouprelay(&["dead", "list", "--reason", "expired", "--url", &url]).await;
     assert_eq!((code, out.as_str()), (0, ""));
+    assert!(err.contains("no dead letters"), "{err}");
     let (code, out, _) = grouprelay(&["dead", "list", "--limit", "1", "--url", &url]).await;
     assert_eq!((code, out.lines().count()), (0, 1));
 
@@ -104,7 +106,7 @@ async fn status_and_dead_letters_list_show_replay_and_purge() {
     forgiving.store(true, Ordering::SeqCst);
     let (code, out, err) = grouprelay(&["dead", "replay", &first_id, "--url", &url]).await;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "replayed 1 dead letters");
+    assert_eq!(out.trim(), "replayed 1 dead letter");
     upstream
         .wait_until("the replayed call delivered", |requests| {
             requests
@@ -121,7 +123,7 @@ async fn status_and_dead_letters_list_show_replay_and_purge() {
     assert_eq!(code, 2, "{err}");
     let (code, out, err) = grouprelay(&["dead", "purge", "--all", "--url", &url]).await;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "purged 1 dead letters");
+    assert_eq!(out.trim(), "purged 1 dead letter");
     let (_, out, _) = grouprelay(&["dead", "list", "--url", &url]).await;
     assert!(out.is_empty(), "{out}");
 
@@ -154,7 +156,7 @@ async fn status_shows_upstream_backing_off() {
     let (code, out, err) =
         grouprelay(&["status", "--url", &format!("http://{}", daemon.addr)]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("queue: 1 calls"), "{out}");
+    assert!(out.contains("queue: 1 call ("), "{out}");
     assert!(out.contains("upstream: backing off until"), "{out}");
     assert!(out.contains("503"), "{out}");
     daemon.terminate();

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use crate::clock;
 use crate::http::admin::{DeadSummary, Selection};
 use crate::http::routes::DeadAction;
+use crate::human::{bytes, count};
 use crate::status::Status;
 use client::Target;
 
@@ -145,7 +146,12 @@ fn dead_list(
         query.push(format!("limit={limit}"));
     }
     let path = format!("/admin/dead?{}", query.join("&"));
-    for letter in ask::<Vec<DeadSummary>>(&target, Method::GET, path, None)? {
+    let letters = ask::<Vec<DeadSummary>>(&target, Method::GET, path, None)?;
+    if letters.is_empty() {
+        // On stderr: what scripts read from stdout stays one line per dead letter.
+        eprintln!("grouprelay: no dead letters");
+    }
+    for letter in letters {
         println!(
             "{}\t{}\t{}\t{}\t{}",
             letter.id,
@@ -176,7 +182,7 @@ fn dead_action(
         DeadAction::Replay => "replayed",
         DeadAction::Purge => "purged",
     };
-    println!("{done_word} {done} dead letters");
+    println!("{done_word} {}", count(done, "dead letter"));
     Ok(())
 }
 
@@ -261,8 +267,9 @@ fn print_status(status: &Status) {
         .map(|age| format!(", oldest {age:.1} s old"))
         .unwrap_or_default();
     println!(
-        "queue: {} calls ({} bytes stored){oldest}",
-        status.pending, status.stored_bytes
+        "queue: {} ({} stored){oldest}",
+        count(status.pending, "call"),
+        bytes(status.stored_bytes)
     );
     println!(
         "accepted: {}, delivered: {}, rejected at ingest: {}",

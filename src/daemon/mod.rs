@@ -9,6 +9,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::forward::upstream::Upstream;
 use crate::forward::Forwarder;
 use crate::http::Api;
+use crate::human::{bytes, count};
 use crate::notify::Notifier;
 use crate::queue::Queue;
 use crate::server::{self, Inherited, Listener};
@@ -97,7 +98,12 @@ pub async fn run(
         .await
         .map_err(|e| DaemonError::Runtime(format!("final flush failed: {e}")))?;
     supervision.abort();
-    tracing::info!(stored_bytes = queue.stored_bytes(), "stopped");
+    tracing::info!(
+        stored_bytes = queue.stored_bytes(),
+        "stopped; {} left queued ({} stored)",
+        count(queue.counts().pending, "call"),
+        bytes(queue.stored_bytes())
+    );
     Ok(())
 }
 

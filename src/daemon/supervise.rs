@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::human::{bytes, count};
 use crate::notify::Notifier;
 use crate::queue::Queue;
 use crate::shutdown::Shutdown;
@@ -11,9 +12,9 @@ use crate::shutdown::Shutdown;
 pub(super) fn status_line(queue: &Queue) -> String {
     let counts = queue.counts();
     format!(
-        "{} calls queued ({} bytes stored), {} delivered",
-        counts.pending,
-        queue.stored_bytes(),
+        "{} queued ({} stored), {} delivered",
+        count(counts.pending, "call"),
+        bytes(queue.stored_bytes()),
         counts.delivered
     )
 }
@@ -43,9 +44,9 @@ pub(super) async fn supervise(
                 // margin.
                 let extend = forwarder_stop + std::time::Duration::from_secs(25);
                 notifier.notify(&format!(
-                    "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=stopping: draining {} queued calls upstream",
+                    "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=stopping: draining {} upstream",
                     extend.as_micros(),
-                    queue.counts().pending
+                    count(queue.counts().pending, "queued call")
                 ));
                 continue;
             }
