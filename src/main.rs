@@ -99,9 +99,9 @@ fn main() -> ExitCode {
             eprintln!("grouprelay: {e}");
             ExitCode::from(EXIT_CONFIG)
         }
+        // Logged once, to stderr like every log line.
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("grouprelay: {e}");
             ExitCode::FAILURE
         }
     }

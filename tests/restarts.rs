@@ -172,3 +172,37 @@ async fn restarts_behind_held_sockets_refuse_no_connection() {
         "the passed socket file is left in place"
     );
 }
+
+/// Start-up refusals in plain words, printed once: a second grouprelay on the same data dir
+/// names the directory and the first one's pid (not sled's lock error); a port in use is
+/// found before the queue is opened, and named.
+#[test]
+fn a_second_grouprelay_or_a_port_in_use_is_named_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Daemon::start(dir.path(), &[]);
+
+    let second = Daemon::try_start_with_env(dir.path(), &[], &[])
+        .err()
+        .expect("refused");
+    let expected = format!(
+        "another grouprelay is using {} (pid {})",
+        dir.path().display(),
+        first.pid()
+    );
+    assert_eq!(second.matches(&expected).count(), 1, "{second}");
+    assert!(!second.contains("could not acquire lock"), "{second}");
+
+    let other = tempfile::tempdir().unwrap();
+    let port = first.addr.to_string();
+    let busy = Daemon::try_start_with_env(other.path(), &["--listen", &port], &[])
+        .err()
+        .expect("refused");
+    assert!(
+        busy.contains(&format!("cannot listen on http://{port}")),
+        "{busy}"
+    );
+    assert!(
+        !busy.contains("queue open"),
+        "the port is tried first: {busy}"
+    );
+}

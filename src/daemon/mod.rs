@@ -11,7 +11,7 @@ use crate::forward::Forwarder;
 use crate::http::Api;
 use crate::human::{bytes, count};
 use crate::notify::Notifier;
-use crate::queue::Queue;
+use crate::queue::{Queue, QueueError};
 use crate::server::{self, Inherited, Listener};
 use crate::shutdown::{self, Shutdown};
 use supervise::{status_line, supervise};
@@ -50,10 +50,10 @@ pub async fn run(
     let durability = config.queue.durability;
     config::create_data_dir(&data_dir).map_err(DaemonError::Config)?;
     let queue = Queue::open(config.queue).map_err(|e| {
-        DaemonError::Runtime(format!(
-            "cannot open the queue in {}: {e}",
-            data_dir.display()
-        ))
+        DaemonError::Runtime(match e {
+            QueueError::InUse { .. } => e.to_string(),
+            e => format!("cannot open the queue in {}: {e}", data_dir.display()),
+        })
     })?;
     tracing::info!(
         data_dir = %data_dir.display(),

@@ -1,5 +1,7 @@
 //! Why a queue operation failed: one variant per cause, each saying when it happens.
 
+use std::path::PathBuf;
+
 use super::layout::DB_FORMAT;
 
 /// A queue operation's failure. Ingest answers `Full` and `DiskLow` with 429, the rest with
@@ -24,6 +26,9 @@ pub enum QueueError {
     /// A record could not be encoded for storage: a rejected call whose bytes are not JSON,
     /// or counters or a dead letter that would not serialise.
     Encode(String),
+    /// Another process has the database open (sled's file lock): most likely a second
+    /// grouprelay on the same data dir. The lock holder's pid, when `/proc/locks` tells.
+    InUse { dir: PathBuf, pid: Option<u32> },
     /// sled or the filesystem failed.
     Storage(String),
     /// The database was written by a newer grouprelay.
@@ -52,6 +57,13 @@ impl std::fmt::Display for QueueError {
             ),
             QueueError::Damaged(e) => write!(f, "damaged queue data: {e}"),
             QueueError::Encode(e) => write!(f, "cannot encode a queue record: {e}"),
+            QueueError::InUse { dir, pid } => {
+                write!(f, "another grouprelay is using {}", dir.display())?;
+                match pid {
+                    Some(pid) => write!(f, " (pid {pid})"),
+                    None => Ok(()),
+                }
+            }
             QueueError::Storage(e) => write!(f, "queue storage error: {e}"),
             QueueError::NewerFormat(v) => write!(
                 f,

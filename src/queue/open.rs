@@ -34,7 +34,8 @@ impl Queue {
             .cache_capacity(options.cache_bytes)
             // The committer owns flushing: sled's own flusher would race it.
             .flush_every_ms(None)
-            .open()?;
+            .open()
+            .map_err(|e| in_use(e, &options.data_dir, &path))?;
         let meta = db.open_tree(META_TREE)?;
         check_format(&meta)?;
         let tree = db.open_tree(QUEUE_TREE)?;
@@ -126,6 +127,31 @@ impl Recovered {
             }),
         })
     }
+}
+
+/// sled's "could not acquire lock" in plain words, with the holder's pid when the kernel's
+/// lock table names it.
+fn in_use(error: sled::Error, data_dir: &Path, db_dir: &Path) -> QueueError {
+    if !error.to_string().contains("could not acquire lock") {
+        return error.into();
+    }
+    QueueError::InUse {
+        dir: data_dir.to_path_buf(),
+        pid: lock_holder(&db_dir.join("db")),
+    }
+}
+
+/// The pid holding a lock on `file`, from `/proc/locks` (`N: FLOCK ADVISORY WRITE pid
+/// major:minor:inode ...`).
+fn lock_holder(file: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(file).ok()?.ino().to_string();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (pid, device_inode) = (fields.get(4)?, fields.get(5)?);
+        (device_inode.rsplit(':').next()? == inode).then(|| pid.parse().ok())?
+    })
 }
 
 /// Refuses a database in another format; marks a new one with this build's.

@@ -131,6 +131,7 @@ impl Daemon {
         let log = Arc::new(Log::default());
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let mut addr = None;
+        let mut ready = false;
         for line in lines.by_ref() {
             let line = line.expect("read daemon stderr");
             log.push(&line);
@@ -143,13 +144,14 @@ impl Daemon {
                 addr = addr.or(Some(rest[..end].parse().expect("listen address")));
             }
             if line.contains("grouprelay ready") {
+                ready = true;
                 break;
             }
         }
-        let Some(addr) = addr else {
+        let (Some(addr), true) = (addr, ready) else {
             let status = child.wait().unwrap();
             return Err(format!(
-                "grouprelay exited ({status}) before listening:\n{}",
+                "grouprelay exited ({status}) before it was ready:\n{}",
                 log.text()
             ));
         };

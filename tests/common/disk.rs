@@ -69,7 +69,8 @@ async fn past_the_lock<T, E: Display>(mut open: impl FnMut() -> Result<T, E>) ->
         match open() {
             Err(e)
                 if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
+                    || e.to_string().contains("another grouprelay is using")
+                        && Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
