@@ -394,7 +394,12 @@ async fn a_full_queue_takes_calls_again_once_upstream_drains_it() {
     let (upstream, healthy) = Upstream::switched(false).await;
     let url = upstream.url();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &fast(&url, &["--max-queue-bytes", "20000"]));
+    // Each delivered batch is logged at DEBUG, after its removal from the queue.
+    let daemon = Daemon::start_with_env(
+        dir.path(),
+        &fast(&url, &["--max-queue-bytes", "20000"]),
+        &[("RUST_LOG", "info,grouprelay::forward=debug")],
+    );
     let mut accepted = 0;
     let refusal = loop {
         let response = daemon
@@ -429,4 +434,46 @@ async fn a_full_queue_takes_calls_again_once_upstream_drains_it() {
     daemon.terminate();
     let ids = message_ids(&upstream.delivered());
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), accepted + 1);
+}
+
+/// An outage is told in two lines of its own, whatever the retries: when upstream becomes
+/// unreachable (with the calls waiting) and when it is back (after how long). Retry lines
+/// name their lane by the writeKey's fingerprint, never the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_told_when_it_starts_and_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, healthy) = Upstream::switched(false).await;
+    let url = upstream.url();
+    let key = "KEY_outage_lines";
+    let daemon = Daemon::start(dir.path(), &fast(&url, &[]));
+    let body = group("u").id("m-outage").to_string();
+    let answer = daemon
+        .send(&post("/v1/group", Some(key), body.as_bytes()))
+        .await;
+    assert_eq!(answer.status, 200);
+    daemon.wait_for_log_count("retrying", 3).await;
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream.wait_delivered(1).await;
+    daemon.wait_for_log("upstream back after").await;
+    let log = daemon.log_text();
+    let unreachable: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("upstream unreachable since"))
+        .collect();
+    assert_eq!(unreachable.len(), 1, "{log}");
+    assert!(unreachable[0].contains("(1 call waiting)"), "{log}");
+    assert!(!log.contains(key), "the writeKey is in the log:\n{log}");
+    let retry = log.lines().find(|l| l.contains("retrying")).unwrap();
+    let lane = retry
+        .split("lane=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(
+        lane.len() == 8 && lane.chars().all(|c| c.is_ascii_hexdigit()),
+        "{retry}"
+    );
+    daemon.terminate();
 }

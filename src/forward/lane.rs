@@ -16,6 +16,8 @@ const MIN_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// The calls of one writeKey on their way upstream.
 pub(super) struct Lane {
+    /// Names the lane in logs: see [`fingerprint`].
+    pub(super) fingerprint: String,
     /// Read from the queue, not yet delivered, in queue order (excluding the batch in flight).
     pub(super) buffered: VecDeque<QueuedCall>,
     /// Calls in the batch in flight (at most one batch per lane, for order).
@@ -76,8 +78,9 @@ impl Probe {
 }
 
 impl Lane {
-    pub(super) fn new(settings: &ForwardSettings) -> Lane {
+    pub(super) fn new(settings: &ForwardSettings, write_key: &str) -> Lane {
         Lane {
+            fingerprint: fingerprint(write_key),
             buffered: VecDeque::new(),
             in_flight: 0,
             pending_since: None,
@@ -213,4 +216,14 @@ impl Lane {
 /// The queue id of a batch's last call (0 for none).
 pub(super) fn last_id(calls: &[QueuedCall]) -> u64 {
     calls.last().map(|c| c.id).unwrap_or(0)
+}
+
+/// A writeKey's fingerprint: the first 8 hex digits of its SHA-256. It tells lanes apart in
+/// logs without giving the key away (it cannot be turned back into the key).
+pub fn fingerprint(write_key: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, write_key.as_bytes());
+    digest.as_ref()[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -66,6 +66,9 @@ pub struct UpstreamHealth {
     pub last_delivery_at_ms: Option<u64>,
     /// The egress proxy in use (`http://host:port`, never its credentials), if any.
     pub proxy: Option<String>,
+    /// Since when every batch has failed (ms since the epoch); `None` while upstream takes
+    /// batches.
+    pub unreachable_since_ms: Option<u64>,
 }
 
 /// A finished upstream request.
@@ -227,7 +230,7 @@ impl Forwarder {
             let lane = self
                 .lanes
                 .entry(call.record.write_key.clone())
-                .or_insert_with(|| Lane::new(&self.settings));
+                .or_insert_with_key(|key| Lane::new(&self.settings, key));
             if lane.skipped_from.is_none() && lane.occupancy() < capacity {
                 lane.push(call);
                 buffered = true;

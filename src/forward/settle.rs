@@ -11,6 +11,7 @@ use super::settings::ForwardSettings;
 use super::upstream::Outcome;
 use super::{Forwarder, Sent, UpstreamHealth};
 use crate::clock;
+use crate::human;
 use crate::queue::{DeadCause, DeadReason, Queue, QueuedCall};
 
 /// The forwarder's parts that settle a lane's calls, borrowed apart from the lanes so that
@@ -32,7 +33,7 @@ impl Forwarder {
         let (lanes, settler) = self.lanes_and_settler();
         let lane = lanes
             .entry(write_key)
-            .or_insert_with(|| Lane::new(settler.settings));
+            .or_insert_with_key(|key| Lane::new(settler.settings, key));
         lane.in_flight = 0;
         match outcome {
             Outcome::Delivered => settler.delivered(lane, calls),
@@ -70,6 +71,7 @@ impl Settler<'_> {
     fn delivered(&self, lane: &mut Lane, calls: Vec<QueuedCall>) {
         crate::failpoint::hit("forward-after-delivered");
         let now = clock::unix_ms(SystemTime::now());
+        let mut unreachable_for = None;
         self.health.send_modify(|health| {
             health.last_delivery_at_ms = Some(now);
             if health
@@ -78,12 +80,24 @@ impl Settler<'_> {
             {
                 health.backing_off_until_ms = None;
             }
+            unreachable_for = health
+                .unreachable_since_ms
+                .take()
+                .map(|since| now.saturating_sub(since));
         });
+        if let Some(ms) = unreachable_for {
+            tracing::info!(
+                "upstream back after {}; delivering {}",
+                human::duration(ms),
+                human::count(self.queue.counts().pending, "call")
+            );
+        }
         if let Err(e) = self.queue.remove(&calls) {
             // They were delivered; at worst they are sent again after a restart.
             tracing::error!(error = %e, "cannot remove delivered calls from the queue");
         }
-        tracing::info!(
+        tracing::debug!(
+            lane = %lane.fingerprint,
             calls = calls.len(),
             attempts = lane.attempts + 1,
             "batch delivered"
@@ -102,6 +116,7 @@ impl Settler<'_> {
         crate::metrics::metrics().retries.inc();
         let delay = lane.attempt_failed(after, self.settings.retry_max_interval);
         tracing::warn!(
+            lane = %lane.fingerprint,
             %cause,
             delay_ms = delay.as_millis() as u64,
             attempt = lane.attempts,
@@ -111,7 +126,12 @@ impl Settler<'_> {
         lane.retry_later(calls, delay);
         let now = clock::unix_ms(SystemTime::now());
         let until = now + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let mut newly_unreachable = false;
         self.health.send_modify(|health| {
+            if health.unreachable_since_ms.is_none() {
+                health.unreachable_since_ms = Some(now);
+                newly_unreachable = true;
+            }
             health.last_error = Some(cause);
             health.last_error_at_ms = Some(now);
             health.backing_off_until_ms = Some(
@@ -121,6 +141,13 @@ impl Settler<'_> {
                     .map_or(until, |t| t.max(until)),
             );
         });
+        if newly_unreachable {
+            tracing::warn!(
+                "upstream unreachable since {} ({} waiting)",
+                clock::rfc3339_millis(SystemTime::now()),
+                human::count(self.queue.counts().pending, "call")
+            );
+        }
     }
 
     /// Upstream refused a call sent alone: it moves to the dead-letter store (if that fails,
@@ -134,6 +161,7 @@ impl Settler<'_> {
         );
         match self.queue.dead_letter(&calls, &reason) {
             Ok(()) => tracing::warn!(
+                lane = %lane.fingerprint,
                 status,
                 "upstream refused a call; moved to the dead-letter store"
             ),
