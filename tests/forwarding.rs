@@ -477,3 +477,56 @@ async fn an_outage_is_told_when_it_starts_and_ends() {
     );
     daemon.terminate();
 }
+
+/// Past a backoff of 5 s, a failing lane waits no longer than that and sends one call as a
+/// check, so upstream's return is noticed within seconds even with the default 60 s cap;
+/// once a check is taken, the rest follows in full batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_is_checked_with_one_call_every_few_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, healthy) = Upstream::switched(false).await;
+    let url = upstream.url();
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--upstream",
+            &url,
+            "--flush-interval-ms",
+            "20",
+            "--retry-max-interval-ms",
+            "60000",
+        ],
+    );
+    let calls: Vec<String> = (0..20)
+        .map(|n| group("u").id(format!("c{n}")).to_string())
+        .collect();
+    let body = format!(r#"{{"batch":[{}]}}"#, calls.join(","));
+    let answer = daemon
+        .send(&post("/v1/batch", Some("KEY_check"), body.as_bytes()))
+        .await;
+    assert_eq!(answer.status, 200);
+    // The backoff passes 5 s after about six failures: then the waits stop growing.
+    daemon.wait_for_log("delay_ms=5000").await;
+    let checks = upstream.requests().len();
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    upstream.wait_delivered(20).await;
+    let requests = upstream.requests();
+    assert_eq!(
+        requests[checks].calls().len(),
+        1,
+        "the next request is a check"
+    );
+    assert_eq!(
+        requests.last().unwrap().calls().len(),
+        19,
+        "then the rest in one batch"
+    );
+    let log = daemon.log_text();
+    let longest = log
+        .lines()
+        .filter_map(|l| l.split("delay_ms=").nth(1))
+        .filter_map(|d| d.split_whitespace().next()?.parse::<u64>().ok())
+        .max();
+    assert_eq!(longest, Some(5000), "{log}");
+    daemon.terminate();
+}

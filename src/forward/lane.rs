@@ -13,6 +13,9 @@ use crate::queue::QueuedCall;
 
 /// The shortest wait before a retry, whatever upstream asked.
 const MIN_RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Past this backoff, a lane checks upstream with one call this often instead (see
+/// `Lane::attempt_failed`).
+const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// The calls of one writeKey on their way upstream.
 pub(super) struct Lane {
@@ -35,6 +38,9 @@ pub(super) struct Lane {
     pub(super) attempts: u32,
     /// While bisecting a refused batch: how far, and in batches of at most how many calls.
     probe: Option<Probe>,
+    /// Upstream has failed long enough that the next batch is one call, sent after at most
+    /// [`CHECK_EVERY`]: see [`Lane::attempt_failed`].
+    checking: bool,
 }
 
 /// Bisecting a refused batch: the lane sends smaller batches until each call upstream
@@ -98,6 +104,7 @@ impl Lane {
             },
             attempts: 0,
             probe: None,
+            checking: false,
         }
     }
 
@@ -153,6 +160,9 @@ impl Lane {
 
     /// The most calls the next batch may hold: `max_events`, or fewer while bisecting.
     pub(super) fn batch_limit(&self, max_events: usize) -> usize {
+        if self.checking {
+            return 1;
+        }
         match self.probe {
             Some(probe) => probe.size.min(max_events),
             None => max_events,
@@ -179,21 +189,32 @@ impl Lane {
     /// After a delivered batch ending at `last_id`: the next batch starts afresh.
     pub(super) fn delivered(&mut self, last_id: u64) {
         self.attempts = 0;
+        self.checking = false;
         self.backoff.reset();
         self.probe = self.probe.and_then(|probe| probe.after_delivery(last_id));
     }
 
     /// Counts a failed attempt worth repeating and says how long to wait before the next:
     /// what upstream `asked` for, else the next backoff step, at most `cap`.
+    ///
+    /// Once the backoff grows past [`CHECK_EVERY`] (and upstream asked for nothing), the lane
+    /// waits only that long and its next batch is a single call: a cheap check that notices
+    /// upstream's return within seconds, where a batch every `cap` would take up to a minute.
     pub(super) fn attempt_failed(&mut self, asked: Option<Duration>, cap: Duration) -> Duration {
         self.attempts += 1;
         // The backoff advances either way, so a run of failures keeps slowing down.
         let backoff = self.backoff.next_backoff().unwrap_or(cap);
-        match asked {
+        let delay = match asked {
             Some(asked) => asked.max(MIN_RETRY_DELAY),
             None => backoff,
         }
-        .min(cap)
+        .min(cap);
+        self.checking = asked.is_none() && delay > CHECK_EVERY;
+        if self.checking {
+            CHECK_EVERY
+        } else {
+            delay
+        }
     }
 
     /// Upstream refused a batch of several calls: send them again in halves.
@@ -207,6 +228,8 @@ impl Lane {
     /// count from zero again, and bisecting ends once past the refused calls.
     pub(super) fn dead_lettered(&mut self, last_id: u64) {
         self.attempts = 0;
+        // Upstream answered: it is back.
+        self.checking = false;
         if self.probe.is_some_and(|probe| probe.is_done(last_id)) {
             self.probe = None;
         }
