@@ -8,7 +8,7 @@
 //!   in `fsync` mode, nothing else) in each mode, to tell the stack's cost from ours;
 //! - `backlog`: a queue of N calls: disk bytes, time from start to `/health` 200, RSS;
 //! - `drain`: the same queue delivered to a local sink that answers 200 at once (calls/s);
-//! - `idle`: RSS of an idle daemon.
+//! - `idle`: RSS of an idle daemon, and how often its threads wake.
 
 mod floor;
 mod load;
@@ -22,6 +22,8 @@ use load::{Shape, Target};
 use serde::Serialize;
 use servers::{Placement, Sink};
 
+/// How long an idle daemon's wake-ups are counted.
+const IDLE_WAKEUP_WINDOW: Duration = Duration::from_secs(10);
 #[derive(Parser)]
 #[command(
     name = "grouprelay-bench",
@@ -94,6 +96,8 @@ struct Report {
     backlog: Option<BacklogRow>,
     drain: Option<DrainRow>,
     idle_rss_mb: Option<f64>,
+    /// Context switches a second over every thread of an idle daemon.
+    idle_wakeups_per_sec: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -205,6 +209,11 @@ async fn run(cli: &Cli, placement: Placement, machine: String) -> Report {
             servers::start_grouprelay(placement, &dir.path().join("idle"), &sink.url(), &[]);
         tokio::time::sleep(Duration::from_secs(2)).await;
         report.idle_rss_mb = Some(mb(server.rss().0));
+        // Wake-ups of an idle daemon, over 10 s.
+        let before = server.context_switches();
+        tokio::time::sleep(IDLE_WAKEUP_WINDOW).await;
+        let woke = server.context_switches().saturating_sub(before);
+        report.idle_wakeups_per_sec = Some(woke as f64 / IDLE_WAKEUP_WINDOW.as_secs_f64());
         server.stop();
     }
     report
@@ -549,5 +558,8 @@ fn print_report(report: &Report) {
     }
     if let Some(idle) = report.idle_rss_mb {
         println!("idle RSS: {idle:.1} MB");
+    }
+    if let Some(wakeups) = report.idle_wakeups_per_sec {
+        println!("idle wake-ups: {wakeups:.1} a second (every thread's context switches)");
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct GroupCommit {
     /// The generation the next flush to start will have.
     next_generation: AtomicU64,
     wake: Notify,
+    /// Told when the database turns dirty, so that an idle committer sleeps without ticking.
+    dirtied: Notify,
     /// Set by writers in `interval` mode; the periodic flush skips a clean database.
     dirty: AtomicBool,
     stopping: AtomicBool,
@@ -93,6 +95,7 @@ impl GroupCommit {
         let shared = Arc::new(GroupCommit {
             next_generation: AtomicU64::new(1),
             wake: Notify::new(),
+            dirtied: Notify::new(),
             dirty: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             flushed: rx,
@@ -175,7 +178,9 @@ impl GroupCommit {
 
     /// Notes a change that the periodic flush must cover.
     pub(crate) fn mark_dirty(&self) {
-        self.dirty.store(true, Ordering::SeqCst);
+        if !self.dirty.swap(true, Ordering::SeqCst) {
+            self.dirtied.notify_one();
+        }
     }
 
     /// Flushes completed so far (a flush that failed counts too).
@@ -211,9 +216,16 @@ async fn committer(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Clean and not stopping: no tick until something is written (an idle daemon does
+        // not wake every period); then the next periodic flush is a period away.
+        let idle = !shared.dirty.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst);
         tokio::select! {
             _ = shared.wake.notified() => {}
-            _ = ticker.tick() => {
+            _ = shared.dirtied.notified(), if idle => {
+                ticker.reset();
+                continue;
+            }
+            _ = ticker.tick(), if !idle => {
                 if !shared.dirty.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst) {
                     continue;
                 }
