@@ -121,7 +121,19 @@ async fn listen(config: &Config, inherited: Vec<Inherited>) -> Result<Vec<Listen
             }));
         }
     }
-    server::open(&config.listen, config.listen_given, inherited)
+    if !inherited.is_empty() {
+        tracing::info!(
+            sockets = inherited.len(),
+            "serving the sockets the service manager passed"
+        );
+    }
+    let listeners = server::open(&config.listen, config.listen_given, inherited)
         .await
-        .map_err(DaemonError::Runtime)
+        .map_err(DaemonError::Runtime)?;
+    for listener in &listeners {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("listening on {addr}");
+        }
+    }
+    Ok(listeners)
 }

@@ -251,7 +251,6 @@ pub async fn open(
         let listener = socket
             .into_listener()
             .map_err(|e| format!("cannot serve the passed socket {addr}: {e}"))?;
-        tracing::info!("listening on {addr} (passed by the service manager)");
         listeners.push(listener);
     }
     if !taken.is_empty() && !listen_given {
@@ -261,8 +260,6 @@ pub async fn open(
         let listener = Listener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let bound = listener.local_addr().unwrap_or_else(|_| addr.clone());
-        tracing::info!("listening on {bound}");
         listeners.push(listener);
     }
     Ok(listeners)
