@@ -1,5 +1,5 @@
-//! Where to listen (`HOST:PORT` or `unix:PATH`, and the loopback rule), and the listeners
-//! bound there.
+//! Where to listen (`HOST:PORT` or `unix:PATH`, and the loopback rule), the sockets the
+//! service manager passes (systemd's socket activation), and the listeners on them.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
