@@ -1,5 +1,5 @@
-//! The daemon: opens the queue, binds the listeners, serves until shutdown, then closes in order.
-//! While it runs, [`supervise`] keeps systemd informed.
+//! The daemon: binds the listeners, opens the queue, serves until shutdown, then closes in
+//! order. While it runs, [`supervise`] keeps systemd and the log informed.
 
 mod supervise;
 
@@ -34,10 +34,12 @@ impl std::fmt::Display for DaemonError {
     }
 }
 
-/// Runs grouprelay until `shutdown` fires. The order matters: the queue is open and the
-/// forwarder is delivering the backlog before any listener accepts; on shutdown the
-/// listeners stop and answer what is in flight, then the forwarder drains for up to
-/// `drain_timeout`, then the queue is made durable and closed.
+/// Runs grouprelay until `shutdown` fires. The order matters: the listeners are bound (or
+/// taken from the service manager) first, so a port in use stops start-up before anything
+/// else, but accept nothing until the queue is open and the forwarder is delivering the
+/// backlog; on shutdown the listeners stop and answer what is in flight, then the forwarder
+/// drains for up to `drain_timeout` and settles its batches in flight, then the queue is made
+/// durable and closed.
 pub async fn run(
     config: Config,
     inherited: Vec<Inherited>,
