@@ -1058,3 +1058,33 @@ fn write_all_then_read(
     let json = serde_json::from_str(body).map_err(|e| format!("not JSON ({e}): {body}"))?;
     Ok((head.to_owned(), json))
 }
+
+/// A client that sends `Expect: 100-continue` waits for leave before its body: an early
+/// refusal answers it at once, without asking for the body it will refuse.
+#[test]
+fn an_early_refusal_does_not_ask_for_the_body() {
+    use std::io::Read;
+
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), &[]);
+    let head = request(
+        "POST",
+        "/v1/batch",
+        &[
+            basic_auth(KEY),
+            format!("Content-Length: {}", 8 << 20),
+            "Expect: 100-continue".to_owned(),
+        ],
+        b"",
+    );
+    let mut stream = std::net::TcpStream::connect(daemon.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(&head).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+}

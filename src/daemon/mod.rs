@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::{self, Config, ConfigError};
 use crate::forward::upstream::Upstream;
-use crate::forward::Forwarder;
+use crate::forward::{self, Forwarder};
 use crate::http::Api;
 use crate::human::{bytes, count};
 use crate::notify::Notifier;
@@ -67,7 +67,8 @@ pub async fn run(
     let upstream = Upstream::new(&config.upstream)
         .map_err(|e| DaemonError::Runtime(format!("upstream {}: {e}", config.upstream.url)))?;
     // What stopping may take the forwarder: the drain, then settling the batches in flight.
-    let forwarder_stop = config.forward.drain_timeout + config.upstream.timeout;
+    let forwarder_stop =
+        config.forward.drain_timeout + config.upstream.timeout + forward::SETTLE_MARGIN;
     let upstream_proxy = upstream.proxy().map(str::to_owned);
     let forwarder = Forwarder::new(queue.clone(), upstream, config.forward);
     let upstream_health = forwarder.health();

@@ -51,7 +51,7 @@ const SKIP_SCAN_PAUSE: Duration = Duration::from_millis(50);
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// Beyond the upstream timeout, what settling the batches in flight may take at shutdown
 /// (compressing a batch before its request, removing it from the queue after).
-const SETTLE_MARGIN: Duration = Duration::from_secs(2);
+pub const SETTLE_MARGIN: Duration = Duration::from_secs(2);
 /// The soonest the loop wakes by timer.
 const MIN_WAKE: Duration = Duration::from_millis(1);
 
@@ -136,6 +136,12 @@ impl Forwarder {
             tokio::pin!(appended);
             appended.as_mut().enable();
             let draining = drain_deadline.is_some();
+            if drain_deadline.is_some_and(|deadline| tokio::time::Instant::now() >= deadline) {
+                // Checked here too: another branch may win the select below once the
+                // deadline is due, and no batch may start after it.
+                self.stop_at_drain_deadline().await;
+                return;
+            }
             let read_again = self.read_new();
             self.refill_lanes();
             self.start_sends(draining);
@@ -159,8 +165,7 @@ impl Forwarder {
                     drain_deadline = Some(tokio::time::Instant::now() + self.settings.drain_timeout);
                 }
                 _ = sleep_until(drain_deadline), if draining => {
-                    tracing::info!(in_flight = self.in_flight.len(), "drain timeout reached; settling the batches in flight, the rest stays queued");
-                    self.settle_in_flight().await;
+                    self.stop_at_drain_deadline().await;
                     return;
                 }
             }
@@ -407,6 +412,15 @@ impl Forwarder {
             .min()
             // Never a time already past: a lane that could not start must not spin the loop.
             .map(|at| at.max(now + MIN_WAKE))
+    }
+
+    /// At the drain deadline: no batch starts any more; those in flight are settled.
+    async fn stop_at_drain_deadline(&mut self) {
+        tracing::info!(
+            in_flight = self.in_flight.len(),
+            "drain timeout reached; settling the batches in flight, the rest stays queued"
+        );
+        self.settle_in_flight().await;
     }
 
     /// At the drain deadline: each batch in flight is waited for (its request is bounded by

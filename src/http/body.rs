@@ -39,16 +39,17 @@ pub async fn read(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErro
         )
     };
     let declared = declared_length(&req);
+    let continues = expects_continue(&req);
     let encoding = match encoding(req.headers().get(CONTENT_ENCODING)) {
         Ok(encoding) => encoding,
         Err(refusal) => {
-            drain(req.into_body(), declared).await;
+            drain(req.into_body(), declared, continues).await;
             return Err(refusal);
         }
     };
     let mut body = req.into_body();
     if declared.is_some_and(|n| n > limit as u64) {
-        drain(body, declared).await;
+        drain(body, declared, continues).await;
         return Err(too_large());
     }
     let collected = tokio::time::timeout(BODY_TIMEOUT, collect_within(&mut body, limit))
@@ -66,7 +67,8 @@ pub async fn read(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErro
     let bytes = match collected {
         Ok(bytes) => bytes,
         Err(Collect::TooLarge) => {
-            drain(body, None).await;
+            // Reading has begun: the client was told to continue, whatever it expected.
+            drain(body, None, false).await;
             return Err(too_large());
         }
         Err(Collect::Failed(e)) => {
@@ -124,8 +126,11 @@ async fn collect_within(body: &mut Incoming, limit: usize) -> Result<Bytes, Coll
 /// before it reads the answer (Python's `http.client` and `requests`, among others) would
 /// otherwise have its connection reset under the body it is still sending, and never see
 /// the answer. A body declared longer than the bound is not read at all.
-async fn drain(mut body: Incoming, declared: Option<u64>) {
-    if body.is_end_stream() || declared.is_some_and(|n| n > MAX_DRAIN_BYTES) {
+async fn drain(mut body: Incoming, declared: Option<u64>, expects_continue: bool) {
+    // A client that asked `Expect: 100-continue` waits for leave to send its body: reading it
+    // would give that leave (hyper answers 100 on the first read), inviting an upload only to
+    // refuse it. Unread, the client gets the refusal at once and sends nothing.
+    if expects_continue || body.is_end_stream() || declared.is_some_and(|n| n > MAX_DRAIN_BYTES) {
         return;
     }
     let discard = async {
@@ -143,7 +148,15 @@ async fn drain(mut body: Incoming, declared: Option<u64>) {
 /// Throws away the body of a request refused before its body was read (see [`drain`]).
 pub async fn discard(req: Request<Incoming>) {
     let declared = declared_length(&req);
-    drain(req.into_body(), declared).await;
+    let expects_continue = expects_continue(&req);
+    drain(req.into_body(), declared, expects_continue).await;
+}
+
+/// Whether the client waits for `100 Continue` before it sends the body.
+fn expects_continue(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(hyper::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// The body's length as the client declared it (`Content-Length`), if it did.
