@@ -93,6 +93,9 @@ async fn restarts_behind_held_sockets_refuse_no_connection() {
     let args = ["--upstream", url.as_str(), "--drain-timeout-ms", "200"];
     let mut daemon = Daemon::start_with_sockets(&data, &args, &sockets);
     assert_eq!(daemon.addr, addr, "the daemon serves the passed TCP socket");
+    // Without --listen it binds nothing of its own (not the default 127.0.0.1:8788).
+    let listening = daemon.log_text().matches("listening on").count();
+    assert_eq!(listening, 2, "{}", daemon.log_text());
 
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let refused = Arc::new(AtomicUsize::new(0));
@@ -205,4 +208,26 @@ fn a_second_grouprelay_or_a_port_in_use_is_named_plainly() {
         !busy.contains("queue open"),
         "the port is tried first: {busy}"
     );
+}
+
+/// A passed TCP socket beyond loopback is held to the rule `--listen` is: refused (exit 2,
+/// naming `--listen`) unless `--allow-remote`.
+#[test]
+fn a_passed_socket_beyond_loopback_needs_allow_remote() {
+    use std::os::fd::AsRawFd;
+
+    let dir = tempfile::tempdir().unwrap();
+    let remote = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let sockets = [remote.as_raw_fd()];
+    let refused = Daemon::try_start_with_sockets(dir.path(), &[], &sockets)
+        .err()
+        .expect("refused");
+    assert!(refused.contains("exit status: 2"), "{refused}");
+    assert!(
+        refused.contains("--listen: the passed socket 0.0.0.0:"),
+        "{refused}"
+    );
+    let daemon = Daemon::start_with_sockets(dir.path(), &["--allow-remote"], &sockets);
+    assert_eq!(daemon.addr.port(), remote.local_addr().unwrap().port());
+    assert!(daemon.terminate().success());
 }

@@ -95,7 +95,7 @@ impl Ingest {
         let received = SystemTime::now();
         let timestamp = clock::rfc3339_millis(received);
         let mut new_message_id = || uuid::Uuid::new_v4().to_string();
-        let body = spec::parse_body(
+        let mut body = spec::parse_body(
             endpoint,
             &bytes,
             &mut Receipt {
@@ -104,7 +104,7 @@ impl Ingest {
             },
         )
         .map_err(|v| ApiError::new(StatusCode::BAD_REQUEST, v.code, v.message))?;
-        let write_key = self.write_key(header_key.or_else(|| body.write_key.clone()))?;
+        let write_key = self.write_key(header_key.or_else(|| body.write_key.take()))?;
         for rejected in &body.rejected {
             tracing::debug!(
                 index = rejected.index,

@@ -56,6 +56,16 @@ impl Daemon {
     /// descriptors the test holds) passed as descriptors 3, 4, ... with `LISTEN_FDS` and
     /// `LISTEN_PID`, and no `--listen` of its own unless `args` give one.
     pub fn start_with_sockets(data_dir: &Path, args: &[&str], sockets: &[RawFd]) -> Daemon {
+        Daemon::try_start_with_sockets(data_dir, args, sockets).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Daemon::start_with_sockets`]; a daemon that refuses to start is an `Err` with
+    /// its exit status and log.
+    pub fn try_start_with_sockets(
+        data_dir: &Path,
+        args: &[&str],
+        sockets: &[RawFd],
+    ) -> Result<Daemon, String> {
         let mut command = Command::new("/bin/sh");
         // `$$` is the shell's pid, which `exec` hands on to grouprelay.
         command.args([
@@ -87,7 +97,7 @@ impl Daemon {
                 Ok(())
             });
         }
-        Daemon::spawn(command, data_dir, args, &[]).unwrap_or_else(|e| panic!("{e}"))
+        Daemon::spawn(command, data_dir, args, &[])
     }
 
     /// Spawns `command` (grouprelay, told to run) with the test defaults, and waits until
