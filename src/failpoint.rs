@@ -9,6 +9,9 @@
 //! |---|---|
 //! | `queue-after-write` | calls written into sled, before any flush covers them and before the client is answered |
 //! | `forward-after-delivered` | upstream answered 2xx for a batch, before its calls are removed from the queue |
+//! | `rebuild-before-switch` | a rebuild's copy is whole and durable in `queue.next/`, before any rename |
+//! | `rebuild-between-renames` | `queue/` renamed to `queue.old/`, before `queue.next/` takes its name |
+//! | `rebuild-after-switch` | the copy renamed to `queue/`, before it is opened and `queue.old/` deleted |
 //!
 //! Two points fail instead of aborting, to show that a failure there harms nothing else:
 //!
@@ -22,6 +25,7 @@
 //! | name | what |
 //! |---|---|
 //! | `queue-skip-fdatasync` | the committer's flushes skip the `fdatasync` of sled's files (sled's own flush still runs: enough for `kill -9`, not for a power cut) |
+//! | `rebuild-skip-sync` | a rebuild's copy is switched in without its `fdatasync` and directory syncs (enough for `kill -9`, not for a power cut) |
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

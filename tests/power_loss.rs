@@ -53,6 +53,11 @@ enum Scenario {
     Drain,
     /// Upstream refuses some calls for good (400): they are dead-lettered.
     DeadLetter,
+    /// A rebuild of the queue's database (`src/queue/rebuild.rs`), cut at one of its steps:
+    /// a first run grows sled's files and leaves calls pending with upstream down; the next
+    /// start rebuilds, a failpoint stops it at a seeded step (the copy whole, between the
+    /// renames, after the switch), and the power is cut there.
+    Rebuild,
 }
 
 /// How the daemon runs before the cut.
@@ -67,7 +72,17 @@ struct Mode {
     /// Whether writers send big batches too (blob files; the patched sled syncs its log when
     /// it removes one, which would hide a missing fdatasync from the tests that look for it).
     big_calls: bool,
+    /// The rebuild scenario's step to cut at (a failpoint's name); `None`: chosen by the
+    /// cut's seed.
+    rebuild_step: Option<&'static str>,
 }
+
+/// The steps of a rebuild the power can be cut at.
+const REBUILD_STEPS: [&str; 3] = [
+    "rebuild-before-switch",
+    "rebuild-between-renames",
+    "rebuild-after-switch",
+];
 
 const FSYNC: Mode = Mode {
     durability: "fsync",
@@ -75,6 +90,7 @@ const FSYNC: Mode = Mode {
     variation: None,
     sync_interval_ms: "500",
     big_calls: true,
+    rebuild_step: None,
 };
 
 /// What one cut showed.
@@ -252,7 +268,7 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
     // scenario it refuses, for good, any batch holding a `bad-` call.
     let upstream_up = Arc::new(AtomicBool::new(match scenario {
         Scenario::Steady => false,
-        Scenario::Drain | Scenario::DeadLetter => true,
+        Scenario::Drain | Scenario::DeadLetter | Scenario::Rebuild => true,
         Scenario::FirstStart | Scenario::Restart => rng.below(2) == 0,
     }));
     let up = upstream_up.clone();
@@ -331,16 +347,66 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
         acknowledged.extend(writers.finish().await);
     }
 
+    if scenario == Scenario::Rebuild {
+        let (filled, cut) = fill_for_rebuild(
+            &data_dir,
+            &unix,
+            &upstream,
+            &upstream_up,
+            &args,
+            &mut rng,
+            label,
+        )
+        .await;
+        acknowledged.extend(filled);
+        let step = mode
+            .rebuild_step
+            .unwrap_or(REBUILD_STEPS[rng.below(3) as usize]);
+        let mut cut_args = args("0");
+        cut_args.extend(["--rebuild-above-bytes".into(), "1".into()]);
+        let mut cut_env = env.clone();
+        let points = [mode.failpoints, Some(step)].into_iter().flatten();
+        cut_env.push((
+            "GROUPRELAY_FAILPOINTS".into(),
+            points.collect::<Vec<_>>().join(","),
+        ));
+        let small = Mix {
+            big_calls: false,
+            bad_calls: false,
+        };
+        let stopped = stopped_at_failpoint(
+            &data_dir, &unix, &cut_args, &cut_env, step, small, cut, label,
+        )
+        .await;
+        acknowledged.extend(stopped.acknowledged);
+        if let Some(broken) = stopped.broken {
+            fs.unmount().expect("unmount");
+            return Outcome {
+                label: label.to_owned(),
+                acknowledged: acknowledged.len(),
+                lost: Vec::new(),
+                broken: Some(broken),
+            };
+        }
+    }
+
     // The run the cut lands in: cut after a seeded delay from the start (first start and
-    // restart: possibly inside sled's open), or after a seeded number of answers.
+    // restart: possibly inside sled's open), or after a seeded number of answers; the
+    // rebuild's cut comes where its run stopped, above.
     let cut_after = match scenario {
         Scenario::FirstStart => Err(Duration::from_millis(rng.below(1500))),
         Scenario::Restart => Err(Duration::from_millis(rng.below(800))),
         Scenario::Steady | Scenario::Drain | Scenario::DeadLetter => Ok(50 + rng.below(400)),
+        // Its run has stopped already, at the failpoint.
+        Scenario::Rebuild => Ok(0),
     };
     let started_at = Instant::now();
-    let mut starting = start_daemon(&data_dir, &args("0"), &env).await;
+    let mut starting = match scenario {
+        Scenario::Rebuild => tokio::spawn(async { Err("not started".to_owned()) }),
+        _ => start_daemon(&data_dir, &args("0"), &env).await,
+    };
     let (daemon, writers) = match cut_after {
+        _ if scenario == Scenario::Rebuild => (None, None),
         Ok(answers) => {
             let daemon = (&mut starting)
                 .await
@@ -441,6 +507,111 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
         .cloned()
         .collect();
     outcome(lost, broken)
+}
+
+/// The rebuild scenario's first run: writers until a seeded number of answers with upstream
+/// up (sled's files grow as calls come and go), then upstream down and a few more answers
+/// (calls left pending), then a kill or a clean stop. Returns the calls answered 200, and the
+/// seed for the run that follows.
+async fn fill_for_rebuild(
+    data_dir: &Path,
+    unix: &Path,
+    upstream: &Upstream,
+    upstream_up: &AtomicBool,
+    args: &dyn Fn(&str) -> Vec<String>,
+    rng: &mut Rng,
+    label: &str,
+) -> (Vec<String>, u64) {
+    let mut fill_args = args("0");
+    fill_args.extend(["--rebuild-above-bytes".into(), "0".into()]);
+    let daemon = start_daemon(data_dir, &fill_args, &[])
+        .await
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{label}: the first run did not start: {e}"));
+    let big = Mix {
+        big_calls: true,
+        bad_calls: false,
+    };
+    let mut writers = Writers::start(&daemon, unix, &format!("{label}-a"), rng.next(), big);
+    writers.wait_answered(100 + rng.below(200), label).await;
+    let mut acknowledged = writers.finish().await;
+    // Delivered before upstream goes down, so that what stays pending is small beside the
+    // files (or no rebuild would be worth it).
+    upstream
+        .wait_delivered_ids(&acknowledged.iter().cloned().collect())
+        .await;
+    upstream_up.store(false, Ordering::SeqCst);
+    let small = Mix {
+        big_calls: false,
+        bad_calls: false,
+    };
+    let mut writers = Writers::start(&daemon, unix, &format!("{label}-b"), rng.next(), small);
+    writers.wait_answered(10 + rng.below(40), label).await;
+    let clean = rng.below(2) == 0;
+    tokio::task::spawn_blocking(move || {
+        if clean {
+            assert!(daemon.terminate().success());
+        } else {
+            daemon.kill();
+        }
+    })
+    .await
+    .unwrap();
+    acknowledged.extend(writers.finish().await);
+    (acknowledged, rng.next())
+}
+
+/// What the run stopped at a failpoint left: the calls answered 200 meanwhile, or why the
+/// cut cannot test what it should.
+struct Stopped {
+    acknowledged: Vec<String>,
+    broken: Option<String>,
+}
+
+/// Starts the daemon armed with `failpoint` and writers on it, and waits (at most 60 s) for
+/// the failpoint to stop it.
+async fn stopped_at_failpoint(
+    data_dir: &Path,
+    unix: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    failpoint: &str,
+    mix: Mix,
+    seed: u64,
+    label: &str,
+) -> Stopped {
+    let reached = format!("failpoint {failpoint} reached");
+    let daemon = match start_daemon(data_dir, args, env).await.await.unwrap() {
+        Ok(daemon) => daemon,
+        // Stopped before it was ready.
+        Err(log) => {
+            return Stopped {
+                acknowledged: Vec::new(),
+                broken: (!log.contains(&reached))
+                    .then(|| format!("the rebuild did not reach {failpoint}: {log}")),
+            }
+        }
+    };
+    let writers = Writers::start(&daemon, unix, label, seed, mix);
+    let log = daemon.log.clone();
+    let exited = tokio::time::timeout(Duration::from_secs(60), daemon.wait_exit()).await;
+    let acknowledged = writers.finish().await;
+    let broken = match exited {
+        Err(_) => Some(format!("no rebuild reached {failpoint} in 60 s")),
+        Ok(_) => {
+            let log = log.clone();
+            let reached = reached.clone();
+            tokio::task::spawn_blocking(move || log.wait_for("the daemon", &reached, 1))
+                .await
+                .err()
+                .map(|e| format!("the daemon stopped, not at {failpoint}: {e}"))
+        }
+    };
+    Stopped {
+        acknowledged,
+        broken,
+    }
 }
 
 /// Opens the queue left by a stopped daemon: the dead letters' ids, and whether the books
@@ -552,9 +723,15 @@ async fn dead_lettering_loses_nothing_to_a_power_cut() {
     nothing_lost(Scenario::DeadLetter).await;
 }
 
-/// Runs two cuts that must each lose acknowledged calls: the harness's proof that it can fail.
-async fn must_lose(mode: Mode, what: &str) {
-    let outcomes = cuts(Scenario::Steady, mode, common::test_seed(), 2).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_loses_nothing_to_a_power_cut() {
+    nothing_lost(Scenario::Rebuild).await;
+}
+
+/// Runs two cuts of `scenario` that must each lose acknowledged calls: the harness's proof
+/// that it can fail.
+async fn must_lose(scenario: Scenario, mode: Mode, what: &str) {
+    let outcomes = cuts(scenario, mode, common::test_seed(), 2).await;
     for outcome in &outcomes {
         assert!(
             !outcome.lost.is_empty(),
@@ -577,7 +754,7 @@ async fn interval_mode_loses_calls_to_a_power_cut() {
         big_calls: false,
         ..FSYNC
     };
-    must_lose(mode, "interval mode").await;
+    must_lose(Scenario::Steady, mode, "interval mode").await;
 }
 
 /// The harness sees a missing `fdatasync`: with the committer's fdatasync skipped (sled's
@@ -590,5 +767,18 @@ async fn fsync_mode_without_its_fdatasync_loses_calls_to_a_power_cut() {
         big_calls: false,
         ..FSYNC
     };
-    must_lose(mode, "fsync mode without its fdatasync").await;
+    must_lose(Scenario::Steady, mode, "fsync mode without its fdatasync").await;
+}
+
+/// The harness sees a rebuild that switches in a copy it did not make durable: cut after
+/// the switch, the copy's unsynced files are gone, and with them the calls pending in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_without_its_syncs_loses_calls_to_a_power_cut() {
+    let mode = Mode {
+        failpoints: Some("rebuild-skip-sync"),
+        variation: Some(Variation::LoseAll),
+        rebuild_step: Some("rebuild-after-switch"),
+        ..FSYNC
+    };
+    must_lose(Scenario::Rebuild, mode, "a rebuild without its syncs").await;
 }

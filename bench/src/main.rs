@@ -8,6 +8,9 @@
 //!   in `fsync` mode, nothing else) in each mode, to tell the stack's cost from ours;
 //! - `backlog`: a queue of N calls: disk bytes, time from start to `/health` 200, RSS;
 //! - `drain`: the same queue delivered to a local sink that answers 200 at once (calls/s);
+//! - `reclaim`: a queue of N calls delivered, then the disk and memory that come back within
+//!   [`RECLAIM_WINDOW`], and a restart to `/health` on what is left; beside the same with
+//!   rebuilds off (`--rebuild-above-bytes 0`, every earlier release), as the baseline;
 //! - `idle`: RSS of an idle daemon, and how often its threads wake.
 
 mod floor;
@@ -24,6 +27,12 @@ use servers::{Placement, Sink};
 
 /// How long an idle daemon's wake-ups are counted.
 const IDLE_WAKEUP_WINDOW: Duration = Duration::from_secs(10);
+/// How long after a drain the `reclaim` scenario waits for the data dir to shrink.
+const RECLAIM_WINDOW: Duration = Duration::from_secs(300);
+/// The data dir size the `reclaim` scenario waits for (issue 17's target: 64 MB).
+const RECLAIM_TARGET_BYTES: u64 = 64_000_000;
+/// How long the daemon idles after the data dir shrank before its RSS is read.
+const RECLAIM_IDLE: Duration = Duration::from_secs(10);
 #[derive(Parser)]
 #[command(
     name = "grouprelay-bench",
@@ -32,11 +41,11 @@ const IDLE_WAKEUP_WINDOW: Duration = Duration::from_secs(10);
 struct Cli {
     #[command(subcommand)]
     command: Option<Internal>,
-    /// Scenarios to run, comma-separated: ingest, backlog, drain, idle
+    /// Scenarios to run, comma-separated: ingest, backlog, drain, reclaim, idle
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ingest,backlog,drain,idle"
+        default_value = "ingest,backlog,drain,reclaim,idle"
     )]
     scenarios: Vec<String>,
     /// Connection counts for ingest
@@ -59,7 +68,7 @@ struct Cli {
     /// Measured seconds per ingest run (after a 1 s warm-up)
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Calls in the backlog and drain scenarios
+    /// Calls in the backlog, drain and reclaim scenarios
     #[arg(long, default_value_t = 1_000_000)]
     backlog_calls: u64,
     /// Pin servers to CPU 0 and the load generator to CPU 1
@@ -95,6 +104,8 @@ struct Report {
     ingest: Vec<IngestRow>,
     backlog: Option<BacklogRow>,
     drain: Option<DrainRow>,
+    /// With rebuilds (the default) and without (the baseline).
+    reclaim: Vec<ReclaimRow>,
     idle_rss_mb: Option<f64>,
     /// Context switches a second over every thread of an idle daemon.
     idle_wakeups_per_sec: Option<f64>,
@@ -129,6 +140,30 @@ struct BacklogRow {
     rss_mb_at_healthy: f64,
     rss_mb_after_3s: f64,
     peak_rss_mb: f64,
+}
+
+#[derive(Serialize)]
+struct ReclaimRow {
+    /// `rebuild` (the default) or `no rebuild` (`--rebuild-above-bytes 0`).
+    server: String,
+    calls: u64,
+    /// The data dir once the backlog was queued.
+    disk_bytes_full: u64,
+    drain_seconds: f64,
+    /// From the last call delivered to the data dir under [`RECLAIM_TARGET_BYTES`]; `None`:
+    /// not within [`RECLAIM_WINDOW`].
+    seconds_to_target: Option<f64>,
+    /// The data dir at the end of the wait.
+    disk_bytes_after: u64,
+    peak_rss_mb: f64,
+    /// RSS after [`RECLAIM_IDLE`] of idling once the wait ended.
+    idle_rss_mb_after: f64,
+    /// A restart on the data dir as left, to `/health` answering 200.
+    restart_to_healthy_ms: f64,
+    /// As a fraction of the baseline's (`no rebuild`) in the same run.
+    disk_ratio: f64,
+    idle_rss_ratio: f64,
+    restart_ratio: f64,
 }
 
 #[derive(Serialize)]
@@ -202,6 +237,9 @@ async fn run(cli: &Cli, placement: Placement, machine: String) -> Report {
         if wants("drain") {
             report.drain = Some(drain(placement, &data, cli.backlog_calls).await);
         }
+    }
+    if wants("reclaim") {
+        report.reclaim = reclaim_rows(placement, dir.path(), cli.backlog_calls).await;
     }
     if wants("idle") {
         let sink = Sink::start().await;
@@ -458,6 +496,87 @@ async fn drain(placement: Placement, data: &std::path::Path, calls: u64) -> Drai
     }
 }
 
+/// The `reclaim` scenario with rebuilds off (the baseline) and on, each on a queue of its
+/// own, with ratios against the baseline.
+async fn reclaim_rows(placement: Placement, dir: &std::path::Path, calls: u64) -> Vec<ReclaimRow> {
+    let baseline = reclaim(placement, &dir.join("reclaim-off"), calls, false).await;
+    let mut rebuilt = reclaim(placement, &dir.join("reclaim-on"), calls, true).await;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    rebuilt.disk_ratio = ratio(
+        rebuilt.disk_bytes_after as f64,
+        baseline.disk_bytes_after as f64,
+    );
+    rebuilt.idle_rss_ratio = ratio(rebuilt.idle_rss_mb_after, baseline.idle_rss_mb_after);
+    rebuilt.restart_ratio = ratio(
+        rebuilt.restart_to_healthy_ms,
+        baseline.restart_to_healthy_ms,
+    );
+    vec![baseline, rebuilt]
+}
+
+/// A backlog of `calls` queued, delivered to a sink, then the data dir watched (once a
+/// second) until it is under [`RECLAIM_TARGET_BYTES`] or [`RECLAIM_WINDOW`] has passed; the
+/// RSS after [`RECLAIM_IDLE`] more; and a restart on what is left.
+async fn reclaim(placement: Placement, data: &std::path::Path, calls: u64, rebuild: bool) -> ReclaimRow {
+    prefill(data, calls).await;
+    let disk_bytes_full = disk_usage(data);
+    let sink = Sink::start().await;
+    let rebuild_args: &[&str] = if rebuild {
+        &[]
+    } else {
+        &["--rebuild-above-bytes", "0"]
+    };
+    let started = Instant::now();
+    let server = servers::start_grouprelay(placement, data, &sink.url(), rebuild_args);
+    assert!(
+        sink.wait_for(calls, Duration::from_secs(600)).await,
+        "reclaim: the drain did not finish in 600 s"
+    );
+    let drained = Instant::now();
+    let mut seconds_to_target = None;
+    while drained.elapsed() < RECLAIM_WINDOW {
+        if disk_usage(data) < RECLAIM_TARGET_BYTES {
+            seconds_to_target = Some(drained.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(RECLAIM_IDLE).await;
+    let (idle_rss, peak_rss) = server.rss();
+    server.stop();
+    let disk_bytes_after = disk_usage(data);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let restarted = Instant::now();
+    let server = servers::start_grouprelay(placement, data, &format!("http://{closed}"), &[]);
+    health(&Target::Tcp(server.tcp)).await;
+    let restart = restarted.elapsed();
+    server.stop();
+    eprintln!(
+        "reclaim ({}): drained in {:.1} s, data dir {} MB -> {} MB",
+        if rebuild { "rebuild" } else { "no rebuild" },
+        (drained - started).as_secs_f64(),
+        mb(disk_bytes_full),
+        mb(disk_bytes_after)
+    );
+    ReclaimRow {
+        server: if rebuild { "rebuild" } else { "no rebuild" }.into(),
+        calls,
+        disk_bytes_full,
+        drain_seconds: (drained - started).as_secs_f64(),
+        seconds_to_target,
+        disk_bytes_after,
+        peak_rss_mb: mb(peak_rss),
+        idle_rss_mb_after: mb(idle_rss),
+        restart_to_healthy_ms: restart.as_secs_f64() * 1000.0,
+        disk_ratio: 1.0,
+        idle_rss_ratio: 1.0,
+        restart_ratio: 1.0,
+    }
+}
+
 /// Polls `/health` until it answers 200 (start-up time is what is measured here).
 async fn health(target: &Target) {
     let Target::Tcp(addr) = target else {
@@ -555,6 +674,31 @@ fn print_report(report: &Report) {
             "drain: {} calls delivered to a local sink in {:.1} s: {:.0} calls/s (peak RSS {:.1} MB)",
             d.calls, d.seconds, d.calls_per_sec, d.peak_rss_mb
         );
+    }
+    if !report.reclaim.is_empty() {
+        println!();
+        println!(
+            "| reclaim | calls | data dir full MB | drain s | s to < 64 MB | data dir after MB | x baseline | peak RSS MB | idle RSS MB after | x baseline | restart to /health ms | x baseline |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for r in &report.reclaim {
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.3} | {:.1} | {:.1} | {:.2} | {:.0} | {:.2} |",
+                r.server,
+                r.calls,
+                mb(r.disk_bytes_full),
+                r.drain_seconds,
+                r.seconds_to_target
+                    .map_or("not within 300".into(), |s| format!("{s:.0}")),
+                mb(r.disk_bytes_after),
+                r.disk_ratio,
+                r.peak_rss_mb,
+                r.idle_rss_mb_after,
+                r.idle_rss_ratio,
+                r.restart_to_healthy_ms,
+                r.restart_ratio
+            );
+        }
     }
     if let Some(idle) = report.idle_rss_mb {
         println!("idle RSS: {idle:.1} MB");

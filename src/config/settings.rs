@@ -192,6 +192,15 @@ settings! {
         },
         shows: |c| Some(c.queue.min_free_bytes.to_string());
 
+    /// Disk the queue's files may take before they are rebuilt to give space back (once most of it is free space); 0 turns it off
+    #[arg(long, value_name = "N", env = "GROUPRELAY_REBUILD_ABOVE_BYTES")]
+    rebuild_above_bytes: u64,
+        apply: |c, n| {
+            c.queue.rebuild_above_bytes = n;
+            Ok(())
+        },
+        shows: |c| Some(c.queue.rebuild_above_bytes.to_string());
+
     /// How long a partial upstream batch may wait, in ms
     #[arg(long, value_name = "N", env = "GROUPRELAY_FLUSH_INTERVAL_MS")]
     flush_interval_ms: u64,

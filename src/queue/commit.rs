@@ -66,8 +66,9 @@ pub(crate) struct GroupCommit {
     flushed: watch::Receiver<Flushed>,
     /// Every queue id below this is durable (readers hand out only those).
     durable_end: AtomicU64,
-    /// Woken when `durable_end` moves: there are new calls to read.
-    pub(crate) advanced: Notify,
+    /// Woken when `durable_end` moves: there are new calls to read (the queue's, shared by
+    /// every database a rebuild swaps in).
+    advanced: Arc<Notify>,
     /// Answers of written requests, sent once the next flush to start has finished; `None`
     /// once the committer has stopped.
     answers: Mutex<Option<Vec<Reply>>>,
@@ -84,6 +85,7 @@ impl GroupCommit {
     pub(crate) fn start(
         db: sled::Db,
         period: Duration,
+        advanced: Arc<Notify>,
         before_flush: Box<dyn Fn() -> u64 + Send + Sync>,
         after_flush: Box<dyn Fn(u64) + Send + Sync>,
     ) -> (Arc<GroupCommit>, JoinHandle<()>) {
@@ -101,7 +103,7 @@ impl GroupCommit {
             flushed: rx,
             // Everything found on disk at open is durable.
             durable_end: AtomicU64::new(before_flush()),
-            advanced: Notify::new(),
+            advanced,
             answers: Mutex::new(Some(Vec::new())),
         });
         let task = tokio::spawn(committer(

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use super::budget::stored_size;
 use super::error::{transaction_error, QueueError};
 use super::keys::{decode_id, LEDGER_KEY};
-use super::ledger::QueuedCall;
+use super::ledger::{Books, QueuedCall};
 use super::record::DeadReason;
 use super::record::{self, DeadRecord, RejectedRecord};
 use super::settle::{encode_counters, settle_into};
@@ -20,81 +20,17 @@ impl Queue {
     /// Moves calls from the queue to the dead-letter store in one atomic step with the
     /// counters: after a crash each call is in exactly one of the two.
     pub fn dead_letter(&self, calls: &[QueuedCall], reason: &DeadReason) -> Result<(), QueueError> {
-        use sled::transaction::ConflictableTransactionError;
-        use sled::Transactional;
-        let inner = &self.inner;
-        let now_ms = crate::clock::unix_ms(std::time::SystemTime::now());
-        let mut books = inner.books.lock().expect("books lock");
-        let gone = inner.gone_chunks(&books, calls)?;
-        let settlement = books.settle(calls, |chunk| !gone.contains(&chunk.first));
-        if settlement.newly_done.is_empty() {
-            return Ok(());
-        }
-        let mut letters = Vec::with_capacity(settlement.newly_done.len());
-        for &i in &settlement.newly_done {
-            let call = &calls[i];
-            let record = DeadRecord {
-                version: record::FORMAT_VERSION,
-                queue_id: call.id,
-                received_ms: call.record.received_ms,
-                write_key: call.record.write_key.clone(),
-                reason: reason.reason.to_owned(),
-                status: reason.status,
-                response: reason.response.clone(),
-                attempts: reason.attempts,
-                dead_at_ms: now_ms,
-                call: call_json(&call.record.call),
-            };
-            let value =
-                serde_json::to_vec(&record).map_err(|e| QueueError::Encode(e.to_string()))?;
-            letters.push((inner.db.generate_id()?.to_be_bytes(), value));
-        }
-        let mut counters = books.counters.clone();
-        *counters.dead.entry(reason.reason.to_owned()).or_default() +=
-            settlement.newly_done.len() as u64;
-        let mut writes = Vec::new();
-        settle_into(&settlement, &mut counters, |key, value| {
-            writes.push((key, value))
-        });
-        let ledger = encode_counters(&counters)?;
-        (&inner.tree, &inner.dead)
-            .transaction(|(tree, dead)| {
-                for (key, value) in &writes {
-                    match value {
-                        Some(value) => tree.insert(key.as_slice(), value.as_slice())?,
-                        None => tree.remove(key.as_slice())?,
-                    };
-                }
-                tree.insert(LEDGER_KEY, ledger.as_slice())?;
-                for (id, value) in &letters {
-                    dead.insert(&id[..], value.as_slice())?;
-                }
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(transaction_error)?;
-        books.apply(&settlement, counters);
-        crate::metrics::metrics()
-            .dead_letters
-            .get_or_create(&crate::metrics::ReasonLabel {
-                reason: reason.reason,
-            })
-            .inc_by(settlement.newly_done.len() as u64);
-        let added: u64 = letters.iter().map(|(_, v)| stored_size(v.len())).sum();
-        // Dead letters still count against the limit, as they still take disk.
-        inner.budget.add(added);
-        inner.budget.release(settlement.freed_bytes());
-        inner.commit.mark_dirty();
-        Ok(())
+        self.with_books(|inner, books| inner.dead_letter(books, calls, reason))
     }
 
     /// The dead letters, oldest first.
     pub fn dead(&self) -> Result<Vec<DeadRecord>, QueueError> {
-        read_json_tree(&self.inner.dead, "dead letter")
+        read_json_tree(&self.inner().dead, "dead letter")
     }
 
     /// The dead letters with their ids, oldest first.
     pub fn dead_entries(&self) -> Result<Vec<(u64, DeadRecord)>, QueueError> {
-        self.inner
+        self.inner()
             .dead
             .iter()
             .map(|item| {
@@ -106,7 +42,7 @@ impl Queue {
 
     /// One dead letter.
     pub fn dead_entry(&self, id: u64) -> Result<Option<DeadRecord>, QueueError> {
-        self.inner
+        self.inner()
             .dead
             .get(id.to_be_bytes())?
             .map(|value| decode_dead(&value))
@@ -116,21 +52,7 @@ impl Queue {
     /// Deletes dead letters for good; ids that are not there are skipped. Returns how many
     /// were deleted.
     pub fn purge_dead(&self, ids: &[u64]) -> Result<usize, QueueError> {
-        let inner = &self.inner;
-        let mut freed = 0;
-        let mut purged = 0;
-        let unique: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
-        for id in unique {
-            // One key at a time, counting only what this removal took: an id named twice, or
-            // purged by two operators at once, frees its bytes once.
-            if let Some(value) = inner.dead.remove(id.to_be_bytes())? {
-                freed += stored_size(value.len());
-                purged += 1;
-            }
-        }
-        inner.budget.free(freed);
-        inner.commit.mark_dirty();
-        Ok(purged)
+        self.with_books(|inner, _| inner.purge_dead(ids))
     }
 
     /// Queues dead letters again, with the same call (same `messageId`) and writeKey, then
@@ -163,7 +85,7 @@ impl Queue {
 
     /// The calls ingest refused inside accepted batches, oldest first.
     pub fn rejected(&self) -> Result<Vec<RejectedRecord>, QueueError> {
-        read_json_tree(&self.inner.rejected, "rejected record")
+        read_json_tree(&self.inner().rejected, "rejected record")
     }
 }
 
@@ -178,6 +100,97 @@ fn call_json(call: &[u8]) -> Box<RawValue> {
 }
 
 impl Inner {
+    /// [`Queue::purge_dead`] on this database, its books locked (so that a rebuild never
+    /// copies a purge half done).
+    fn purge_dead(&self, ids: &[u64]) -> Result<usize, QueueError> {
+        let mut freed = 0;
+        let mut purged = 0;
+        let unique: std::collections::BTreeSet<u64> = ids.iter().copied().collect();
+        for id in unique {
+            // One key at a time, counting only what this removal took: an id named twice, or
+            // purged by two operators at once, frees its bytes once.
+            if let Some(value) = self.dead.remove(id.to_be_bytes())? {
+                freed += stored_size(value.len());
+                purged += 1;
+            }
+        }
+        self.budget.free(freed);
+        self.commit.mark_dirty();
+        Ok(purged)
+    }
+
+    /// [`Queue::dead_letter`] on this database, its books locked.
+    fn dead_letter(
+        &self,
+        books: &mut Books,
+        calls: &[QueuedCall],
+        reason: &DeadReason,
+    ) -> Result<(), QueueError> {
+        use sled::transaction::ConflictableTransactionError;
+        use sled::Transactional;
+        let now_ms = crate::clock::unix_ms(std::time::SystemTime::now());
+        let gone = self.gone_chunks(books, calls)?;
+        let settlement = books.settle(calls, |chunk| !gone.contains(&chunk.first));
+        if settlement.newly_done.is_empty() {
+            return Ok(());
+        }
+        let mut letters = Vec::with_capacity(settlement.newly_done.len());
+        for &i in &settlement.newly_done {
+            let call = &calls[i];
+            let record = DeadRecord {
+                version: record::FORMAT_VERSION,
+                queue_id: call.id,
+                received_ms: call.record.received_ms,
+                write_key: call.record.write_key.clone(),
+                reason: reason.reason.to_owned(),
+                status: reason.status,
+                response: reason.response.clone(),
+                attempts: reason.attempts,
+                dead_at_ms: now_ms,
+                call: call_json(&call.record.call),
+            };
+            let value =
+                serde_json::to_vec(&record).map_err(|e| QueueError::Encode(e.to_string()))?;
+            letters.push((self.next_store_id()?.to_be_bytes(), value));
+        }
+        let mut counters = books.counters.clone();
+        *counters.dead.entry(reason.reason.to_owned()).or_default() +=
+            settlement.newly_done.len() as u64;
+        let mut writes = Vec::new();
+        settle_into(&settlement, &mut counters, |key, value| {
+            writes.push((key, value))
+        });
+        let ledger = encode_counters(&counters)?;
+        (&self.tree, &self.dead)
+            .transaction(|(tree, dead)| {
+                for (key, value) in &writes {
+                    match value {
+                        Some(value) => tree.insert(key.as_slice(), value.as_slice())?,
+                        None => tree.remove(key.as_slice())?,
+                    };
+                }
+                tree.insert(LEDGER_KEY, ledger.as_slice())?;
+                for (id, value) in &letters {
+                    dead.insert(&id[..], value.as_slice())?;
+                }
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)?;
+        books.apply(&settlement, counters);
+        crate::metrics::metrics()
+            .dead_letters
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.reason,
+            })
+            .inc_by(settlement.newly_done.len() as u64);
+        let added: u64 = letters.iter().map(|(_, v)| stored_size(v.len())).sum();
+        // Dead letters still count against the limit, as they still take disk.
+        self.budget.add(added);
+        self.budget.release(settlement.freed_bytes());
+        self.commit.mark_dirty();
+        Ok(())
+    }
+
     /// Keeps a request's rejected calls in the rejected store, in one batch; on failure
     /// gives back the `reserved` bytes (the whole request's), since nothing of it is kept.
     pub(super) fn keep_rejected(
@@ -189,14 +202,14 @@ impl Inner {
         let mut batch = sled::Batch::default();
         let written = (|| {
             for record in records {
-                batch.insert(&self.db.generate_id()?.to_be_bytes(), record);
+                batch.insert(&self.next_store_id()?.to_be_bytes(), record);
             }
-            self.rejected.apply_batch(batch)
+            Ok::<_, QueueError>(self.rejected.apply_batch(batch)?)
         })();
         if let Err(e) = written {
             self.budget.release(reserved);
             tracing::error!(error = %e, "cannot keep rejected calls");
-            return Err(e.into());
+            return Err(e);
         }
         self.rejected_count.fetch_add(count, Ordering::SeqCst);
         Ok(())

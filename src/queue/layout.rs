@@ -19,6 +19,9 @@ pub(super) const META_TREE: &str = "meta";
 pub(super) const FORMAT_KEY: &str = "format";
 /// The database format this build writes and reads: 2 = calls in chunks.
 pub(super) const DB_FORMAT: u8 = 2;
+/// What a rebuilt database adds to sled's `generate_id` for its store keys (u64, big-endian):
+/// the next id of the database it was copied from.
+pub(super) const ID_BASE_KEY: &str = "store_id_base";
 /// Written by a clean `close`: the exact stored-bytes count. Removed at open, so that its
 /// absence tells a crash (and a recount) apart.
 pub(super) const CLEAN_CLOSE_KEY: &str = "clean_close_stored_bytes";
@@ -26,4 +29,20 @@ pub(super) const CLEAN_CLOSE_KEY: &str = "clean_close_stored_bytes";
 /// The sled database's directory inside the data dir.
 pub(super) fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DB_DIR)
+}
+
+/// Bytes of disk the files under `dir` take (their allocated blocks), 0 if it is not there.
+pub(super) fn files_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => files_bytes(&entry.path()),
+            Ok(meta) => meta.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }

@@ -21,13 +21,21 @@
 //!   [`QueueError::Full`]; nothing already queued is touched.
 //! - **Versioned.** The database records its format; one written by a newer grouprelay is
 //!   refused at open.
+//! - **Gives disk back.** sled never shrinks its files: after a backlog they keep the space
+//!   it once held. Once they take more than `rebuild_above_bytes` and several times what
+//!   they store, the database is *rebuilt*: copied into a fresh one beside it, which is made
+//!   durable and then switched in by two renames (see `rebuild`). Appends wait during the
+//!   copy; every id, counter and dead letter is the same after; a crash at any step leaves
+//!   one whole database, the old or the new, that the next open completes the switch to.
 //!
 //! # Parts
 //! | file | what it is |
 //! |---|---|
-//! | `mod.rs` | the `Queue` type and its counts, append, close |
+//! | `mod.rs` | the `Queue` type and its counts, append, close; the database in use, swapped by a rebuild |
 //! | `options.rs` | how the queue is opened: durability mode, limits, their defaults |
 //! | `open.rs` | open and recovery: format, books, byte count, damage on disk, names made durable |
+//! | `rebuild.rs` | a fresh copy of the database switched in, giving disk back; a switch a crash cut short, completed |
+//! | `reclaim.rs` | when to rebuild: the task that weighs the database's files against what they store |
 //! | `keys.rs` | the queue tree's key layout and codecs |
 //! | `record.rs` | the stored record formats (calls, chunks, dead letters, rejected calls) |
 //! | `appender.rs` | the waiting requests' calls packed into chunks and written |
@@ -52,6 +60,8 @@ mod ledger;
 mod open;
 mod options;
 mod read;
+mod rebuild;
+mod reclaim;
 pub mod record;
 mod remove;
 mod settle;
@@ -60,9 +70,10 @@ mod watermark;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::spec::RejectedCall;
@@ -74,7 +85,10 @@ use layout::CLEAN_CLOSE_KEY;
 pub use layout::{DB_DIR, WATERMARK_FILE};
 use ledger::Books;
 pub use ledger::{ChunkRef, Counters, QueuedCall};
-pub use options::{Durability, QueueOptions};
+pub use options::{
+    Durability, QueueOptions, DEFAULT_REBUILD_ABOVE_BYTES, REBUILD_GARBAGE_FACTOR,
+    REBUILD_MAX_COPY_BYTES,
+};
 use record::rejected_record;
 pub use record::{CallRecord, DeadCause, DeadReason, DeadRecord, DecodeError, RejectedRecord};
 use space::FreeSpace;
@@ -96,7 +110,29 @@ pub struct Counts {
 /// A handle on the queue; clones share it.
 #[derive(Clone)]
 pub struct Queue {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+}
+
+/// What outlives a rebuild: the database in use, and what every one of them shares.
+struct Shared {
+    /// The database in use; a rebuild swaps it.
+    current: RwLock<Arc<Inner>>,
+    /// Appends hold it shared for their whole way; a rebuild and `close` take it alone, so
+    /// that no append is under way while they run.
+    appends: tokio::sync::RwLock<()>,
+    options: QueueOptions,
+    /// Woken when more calls become readable (each database's committer wakes it).
+    advanced: Arc<Notify>,
+    /// Woken when calls are settled: the reclaim task weighs the files again.
+    settled: Arc<Notify>,
+    /// Set by `close`: no rebuild starts after it.
+    closed: AtomicBool,
+    /// Flushes of the databases a rebuild replaced.
+    earlier_flushes: AtomicU64,
+    /// Rebuilds done since open.
+    rebuilds: AtomicU64,
+    /// The reclaim task, stopped by `close`.
+    reclaim: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Inner {
@@ -120,6 +156,12 @@ struct Inner {
     closed: AtomicBool,
     commit: Arc<GroupCommit>,
     committer: Mutex<Option<JoinHandle<()>>>,
+    /// Added to sled's `generate_id` for dead-letter and rejected-call keys: a rebuilt
+    /// database's sled counts from 0 again, so it carries the old one's next id here.
+    id_base: u64,
+    /// Set, under the books lock, once a rebuild has switched a newer database in: whoever
+    /// waited for this one's books must take the new one's.
+    retired: AtomicBool,
 }
 
 impl Queue {
@@ -135,7 +177,9 @@ impl Queue {
         calls: &[Vec<u8>],
         rejected: &[RejectedCall],
     ) -> Result<(), QueueError> {
-        let inner = &self.inner;
+        // Held until answered: a rebuild copies only once no append is under way.
+        let _append = self.shared.appends.read().await;
+        let inner = self.inner();
         if inner.closed.load(Ordering::SeqCst) {
             return Err(QueueError::Closed);
         }
@@ -189,7 +233,7 @@ impl Queue {
 
     /// Whether new calls would be taken now; `Err` says why not (for `GET /ready`).
     pub fn readiness(&self) -> Result<(), String> {
-        let inner = &self.inner;
+        let inner = self.inner();
         if inner.closed.load(Ordering::SeqCst) {
             return Err("the queue is closed: grouprelay is stopping".into());
         }
@@ -219,8 +263,9 @@ impl Queue {
 
     /// Every call's fate so far.
     pub fn counts(&self) -> Counts {
-        let books = self.inner.books.lock().expect("books lock");
-        let accepted = self.inner.inserted_end.load(Ordering::SeqCst);
+        let inner = self.inner();
+        let books = inner.books.lock().expect("books lock");
+        let accepted = inner.inserted_end.load(Ordering::SeqCst);
         let counters = &books.counters;
         Counts {
             accepted,
@@ -229,48 +274,95 @@ impl Queue {
             pending: accepted
                 .saturating_sub(counters.delivered)
                 .saturating_sub(counters.dead_total()),
-            rejected: self.inner.rejected_count.load(Ordering::SeqCst),
+            rejected: inner.rejected_count.load(Ordering::SeqCst),
         }
     }
 
     /// Resolves when more calls become readable (durable) after it was created and
     /// `enable`d or first polled.
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
-        self.inner.commit.advanced.notified()
+        self.shared.advanced.notified()
     }
 
     /// Bytes of stored records counted against the limit.
     pub fn stored_bytes(&self) -> u64 {
-        self.inner.budget.stored()
+        self.inner().budget.stored()
     }
 
     /// The same count, made again from what the database holds (reads it all).
     pub fn recount_stored_bytes(&self) -> Result<u64, QueueError> {
-        budget::recount(&self.inner.db)
+        budget::recount(&self.inner().db)
     }
 
     /// Flushes run so far: with group commit, far fewer than appends under concurrency.
     pub fn flushes(&self) -> u64 {
-        self.inner.commit.flushes()
+        self.shared.earlier_flushes.load(Ordering::SeqCst) + self.inner().commit.flushes()
+    }
+
+    /// Rebuilds since open: each gave back the disk space sled had kept.
+    pub fn rebuilds(&self) -> u64 {
+        self.shared.rebuilds.load(Ordering::SeqCst)
     }
 
     /// Makes everything written so far durable, then stops the appender and the committer.
     /// Appends after this fail; reads still work.
     pub async fn close(&self) -> Result<(), QueueError> {
-        let inner = &self.inner;
-        inner.closed.store(true, Ordering::SeqCst);
-        inner.appender.close().await;
+        self.shared.closed.store(true, Ordering::SeqCst);
+        // A rebuild under way finishes first; appends under way are answered first.
+        let _alone = self.shared.appends.write().await;
+        // No rebuild is under way, nor can one start: the reclaim task can go. Ended here,
+        // it does not hold the queue past `close` (the database's files close with the
+        // last handle).
+        let reclaim = self.shared.reclaim.lock().expect("reclaim lock").take();
+        if let Some(task) = reclaim {
+            task.abort();
+            let _ = task.await;
+        }
+        self.inner().close().await
+    }
+
+    /// The database in use.
+    fn inner(&self) -> Arc<Inner> {
+        self.shared.current.read().expect("queue lock").clone()
+    }
+
+    /// Runs `settle` on the database in use with its books locked: the delivery side's
+    /// writes (and reads) go through here. A rebuild holds the old database's books while it
+    /// copies and switches, so a caller that waited for them takes the new one's.
+    fn with_books<T>(
+        &self,
+        settle: impl FnOnce(&Inner, &mut Books) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        loop {
+            let inner = self.inner();
+            let mut books = inner.books.lock().expect("books lock");
+            if inner.retired.load(Ordering::SeqCst) {
+                continue;
+            }
+            let settled = settle(&inner, &mut books);
+            drop(books);
+            self.shared.settled.notify_one();
+            return settled;
+        }
+    }
+}
+
+impl Inner {
+    /// Makes everything written so far durable, then stops the appender and the committer.
+    async fn close(&self) -> Result<(), QueueError> {
+        self.closed.store(true, Ordering::SeqCst);
+        self.appender.close().await;
         // Everything is written: the count is exact, and the next open may take it as is;
         // unless a write panicked part way, when only a recount knows.
-        if !inner.appender.broken() {
-            let bytes = inner.budget.stored();
-            if let Err(e) = inner.meta.insert(CLEAN_CLOSE_KEY, &bytes.to_be_bytes()) {
+        if !self.appender.broken() {
+            let bytes = self.budget.stored();
+            if let Err(e) = self.meta.insert(CLEAN_CLOSE_KEY, &bytes.to_be_bytes()) {
                 tracing::warn!(error = %e, "cannot record the queue's byte count");
             }
         }
-        let result = inner.commit.durable().await;
-        inner.commit.stop();
-        let committer = inner.committer.lock().expect("committer lock").take();
+        let result = self.commit.durable().await;
+        self.commit.stop();
+        let committer = self.committer.lock().expect("committer lock").take();
         if let Some(task) = committer {
             // A flush stuck after an I/O error must not keep the process from exiting.
             if tokio::time::timeout(Duration::from_secs(5), task)
@@ -284,9 +376,13 @@ impl Queue {
         }
         result.map_err(|e| QueueError::NotDurable(e.to_string()))
     }
-}
 
-impl Inner {
+    /// A key for a dead letter or a rejected call: never one this queue handed out before,
+    /// in any database it was rebuilt from.
+    fn next_store_id(&self) -> Result<u64, QueueError> {
+        Ok(self.id_base + self.db.generate_id()?)
+    }
+
     /// Hands calls to the appender and waits for its answer: in `fsync` mode for at most
     /// [`commit::FLUSH_WAIT_LIMIT`], since after an I/O error (a full disk, say) sled's flush
     /// can wait forever, and a request must get an error in bounded time rather than hang.

@@ -4,15 +4,20 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::Notify;
 
 use super::appender::{Appender, Target};
 use super::budget::{self, Budget};
 use super::commit::GroupCommit;
 use super::error::QueueError;
-use super::keys::{decode_chunk_key, decode_done_key, CHUNK_PREFIX, DONE_PREFIX, LEDGER_KEY};
+use super::keys::{
+    decode_chunk_key, decode_done_key, decode_id, CHUNK_PREFIX, DONE_PREFIX, LEDGER_KEY,
+};
 use super::layout::{
-    db_path, DB_FORMAT, DEAD_TREE, FORMAT_KEY, META_TREE, QUEUE_TREE, REJECTED_TREE, WATERMARK_FILE,
+    db_path, DB_FORMAT, DEAD_TREE, FORMAT_KEY, ID_BASE_KEY, META_TREE, QUEUE_TREE, REJECTED_TREE,
+    WATERMARK_FILE,
 };
 use super::ledger::{self, Books, Counters};
 use super::options::QueueOptions;
@@ -20,56 +25,94 @@ use super::record::DeadCause;
 use super::settle::encode_counters;
 use super::space::FreeSpace;
 use super::watermark::Watermark;
-use super::{Inner, Queue};
+use super::{rebuild, reclaim, Inner, Queue, Shared};
 
 impl Queue {
-    /// Opens (or creates) the queue in `options.data_dir`. Must run inside a tokio runtime:
-    /// it starts the committer task.
+    /// Opens (or creates) the queue in `options.data_dir`, first completing a rebuild's
+    /// switch that a crash cut short. Must run inside a tokio runtime: it starts the
+    /// committer and reclaim tasks.
     pub fn open(options: QueueOptions) -> Result<Queue, QueueError> {
-        let path = db_path(&options.data_dir);
-        crate::dirsync::create_dir_all(&path, 0o700)
-            .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(options.cache_bytes)
-            // The committer owns flushing: sled's own flusher would race it.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| in_use(e, &options.data_dir, &path))?;
-        let meta = db.open_tree(META_TREE)?;
-        check_format(&meta)?;
-        let tree = db.open_tree(QUEUE_TREE)?;
-        let rejected = db.open_tree(REJECTED_TREE)?;
-        let dead = db.open_tree(DEAD_TREE)?;
-        let mut books = read_books(&tree)?;
-        let watermark_path = path.join(WATERMARK_FILE);
-        let (watermark, durable_before) = Watermark::open(&watermark_path).map_err(|e| {
-            QueueError::Storage(format!("cannot open {}: {e}", watermark_path.display()))
-        })?;
-        let next_id = recovered_end(&tree, &mut books, durable_before)?;
-        // sled made its files and renamed its snapshot without syncing a directory; no call
-        // is acknowledged before their names are durable.
-        sync_names(&options.data_dir, &path).map_err(|e| {
+        rebuild::finish_switch(&options.data_dir).map_err(|e| {
             QueueError::Storage(format!(
-                "cannot make the queue's files durable in {}: {e}",
-                path.display()
+                "cannot finish the queue's rebuild in {}: {e}",
+                options.data_dir.display()
             ))
         })?;
-        let budget = Arc::new(Budget::new(budget::at_open(&meta, &db)?, options.max_bytes));
-        db.flush()?;
-        let recovered = Recovered {
-            db,
-            meta,
-            tree,
-            rejected,
-            dead,
-            books,
-            next_id,
-            budget,
-            watermark,
+        let advanced = Arc::new(Notify::new());
+        let inner = open_database(&options, advanced.clone())?;
+        let queue = Queue {
+            shared: Arc::new(Shared {
+                current: RwLock::new(Arc::new(inner)),
+                appends: tokio::sync::RwLock::new(()),
+                options,
+                advanced,
+                settled: Arc::new(Notify::new()),
+                closed: AtomicBool::new(false),
+                earlier_flushes: AtomicU64::new(0),
+                rebuilds: AtomicU64::new(0),
+                reclaim: Mutex::new(None),
+            }),
         };
-        recovered.start(&options)
+        let task = reclaim::start(&queue);
+        *queue.shared.reclaim.lock().expect("reclaim lock") = task;
+        Ok(queue)
     }
+}
+
+/// Opens (or creates) the database in `options.data_dir` and starts its appender and
+/// committer; the committer wakes `advanced` when calls become readable.
+pub(super) fn open_database(
+    options: &QueueOptions,
+    advanced: Arc<Notify>,
+) -> Result<Inner, QueueError> {
+    let path = db_path(&options.data_dir);
+    crate::dirsync::create_dir_all(&path, 0o700)
+        .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(options.cache_bytes)
+        // The committer owns flushing: sled's own flusher would race it.
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| in_use(e, &options.data_dir, &path))?;
+    let meta = db.open_tree(META_TREE)?;
+    check_format(&meta)?;
+    let tree = db.open_tree(QUEUE_TREE)?;
+    let rejected = db.open_tree(REJECTED_TREE)?;
+    let dead = db.open_tree(DEAD_TREE)?;
+    let mut books = read_books(&tree)?;
+    let watermark_path = path.join(WATERMARK_FILE);
+    let (watermark, durable_before) = Watermark::open(&watermark_path).map_err(|e| {
+        QueueError::Storage(format!("cannot open {}: {e}", watermark_path.display()))
+    })?;
+    let next_id = recovered_end(&tree, &mut books, durable_before)?;
+    // sled made its files and renamed its snapshot without syncing a directory; no call
+    // is acknowledged before their names are durable.
+    sync_names(&options.data_dir, &path).map_err(|e| {
+        QueueError::Storage(format!(
+            "cannot make the queue's files durable in {}: {e}",
+            path.display()
+        ))
+    })?;
+    let budget = Arc::new(Budget::new(budget::at_open(&meta, &db)?, options.max_bytes));
+    let id_base = match meta.get(ID_BASE_KEY)? {
+        Some(bytes) => decode_id(&bytes)?,
+        None => 0,
+    };
+    db.flush()?;
+    let recovered = Recovered {
+        db,
+        meta,
+        tree,
+        rejected,
+        dead,
+        books,
+        next_id,
+        budget,
+        watermark,
+        id_base,
+    };
+    recovered.start(options, advanced)
 }
 
 /// What open found on disk, ready to take appends once the appender and committer run.
@@ -84,11 +127,12 @@ struct Recovered {
     next_id: u64,
     budget: Arc<Budget>,
     watermark: Watermark,
+    id_base: u64,
 }
 
 impl Recovered {
-    /// Starts the committer and the appender, and hands out the queue.
-    fn start(self, options: &QueueOptions) -> Result<Queue, QueueError> {
+    /// Starts the committer and the appender: the database is ready for the queue.
+    fn start(self, options: &QueueOptions, advanced: Arc<Notify>) -> Result<Inner, QueueError> {
         let rejected_count = AtomicU64::new(self.rejected.len() as u64);
         let inserted_end = Arc::new(AtomicU64::new(self.next_id));
         let written = inserted_end.clone();
@@ -96,6 +140,7 @@ impl Recovered {
         let (commit, committer) = GroupCommit::start(
             self.db.clone(),
             options.sync_interval,
+            advanced,
             Box::new(before_flush),
             Box::new(move |durable_end| self.watermark.record(durable_end)),
         );
@@ -107,24 +152,24 @@ impl Recovered {
             commit: commit.clone(),
             durability: options.durability,
         })?;
-        Ok(Queue {
-            inner: Arc::new(Inner {
-                db: self.db,
-                meta: self.meta,
-                tree: self.tree,
-                rejected: self.rejected,
-                dead: self.dead,
-                durability: options.durability,
-                budget: self.budget,
-                free_space: FreeSpace::new(&options.data_dir, options.min_free_bytes),
-                inserted_end,
-                appender,
-                books: Mutex::new(self.books),
-                rejected_count,
-                closed: AtomicBool::new(false),
-                commit,
-                committer: Mutex::new(Some(committer)),
-            }),
+        Ok(Inner {
+            db: self.db,
+            meta: self.meta,
+            tree: self.tree,
+            rejected: self.rejected,
+            dead: self.dead,
+            durability: options.durability,
+            budget: self.budget,
+            free_space: FreeSpace::new(&options.data_dir, options.min_free_bytes),
+            inserted_end,
+            appender,
+            books: Mutex::new(self.books),
+            rejected_count,
+            closed: AtomicBool::new(false),
+            commit,
+            committer: Mutex::new(Some(committer)),
+            id_base: self.id_base,
+            retired: AtomicBool::new(false),
         })
     }
 }

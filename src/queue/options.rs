@@ -11,6 +11,16 @@ pub const DEFAULT_MIN_FREE_BYTES: u64 = 512 << 20;
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(200);
 /// sled's page cache. sled's own 1 GiB default would let a large backlog cost a large RSS.
 pub const DEFAULT_CACHE_BYTES: u64 = 16 << 20;
+/// Disk the database's files may take before it is rebuilt to give space back: 64 MiB
+/// (and only once they take [`REBUILD_GARBAGE_FACTOR`] times what it stores).
+pub const DEFAULT_REBUILD_ABOVE_BYTES: u64 = 64 << 20;
+/// The database is rebuilt only when its files take more than this many times the bytes it
+/// stores: most of the file is then space sled freed but keeps.
+pub const REBUILD_GARBAGE_FACTOR: u64 = 4;
+/// The most stored bytes a rebuild copies. New calls wait while it copies, so this bounds
+/// that pause (about a tenth of a second on a laptop's SSD); a queue storing more waits for
+/// delivery to bring it down.
+pub const REBUILD_MAX_COPY_BYTES: u64 = 16 << 20;
 
 /// When an append counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -68,6 +78,9 @@ pub struct QueueOptions {
     /// How often `interval` mode flushes (and how soon removals of delivered calls are
     /// made durable in either mode).
     pub sync_interval: Duration,
+    /// Disk the database's files may take before it is rebuilt into a fresh one, giving
+    /// back the space sled keeps after a backlog (0: never rebuilt).
+    pub rebuild_above_bytes: u64,
 }
 
 impl QueueOptions {
@@ -80,6 +93,7 @@ impl QueueOptions {
             cache_bytes: DEFAULT_CACHE_BYTES,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
             sync_interval: DEFAULT_SYNC_INTERVAL,
+            rebuild_above_bytes: DEFAULT_REBUILD_ABOVE_BYTES,
         }
     }
 }

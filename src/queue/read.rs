@@ -8,10 +8,10 @@ use super::error::{transaction_error, QueueError};
 use super::keys::{chunk_key, decode_chunk_key, done_key, LEDGER_KEY};
 use super::layout::QUARANTINE_TREE;
 use super::ledger::ChunkRef;
-use super::ledger::QueuedCall;
+use super::ledger::{Books, QueuedCall};
 use super::record::{self, DeadCause};
 use super::settle::encode_counters;
-use super::Queue;
+use super::{Inner, Queue};
 
 impl Queue {
     /// Up to `limit` pending durable calls with ids of `from` or more, in queue order. A call
@@ -34,16 +34,33 @@ impl Queue {
         limit: usize,
         out: &mut Vec<QueuedCall>,
     ) -> Result<Option<Damaged>, QueueError> {
-        let inner = &self.inner;
-        let end = inner
+        self.with_books(|inner, books| inner.read_into(books, from, limit, out))
+    }
+
+    /// Moves a chunk that cannot be read out of the queue (see [`Inner::quarantine`]).
+    fn quarantine(&self, damaged: Damaged) -> Result<(), QueueError> {
+        self.with_books(|inner, books| inner.quarantine(books, damaged))
+    }
+}
+
+impl Inner {
+    /// [`Queue::read_into`] on this database, its books locked.
+    fn read_into(
+        &self,
+        books: &Books,
+        from: u64,
+        limit: usize,
+        out: &mut Vec<QueuedCall>,
+    ) -> Result<Option<Damaged>, QueueError> {
+        let end = self
             .inserted_end
             .load(Ordering::SeqCst)
-            .min(inner.commit.durable_end());
+            .min(self.commit.durable_end());
         if from >= end || out.len() >= limit {
             return Ok(None);
         }
         // Start at the chunk that holds `from`, if one does.
-        let holding = inner
+        let holding = self
             .tree
             .range(chunk_key(0, 0)..=chunk_key(from, u32::MAX))
             .next_back()
@@ -52,8 +69,7 @@ impl Queue {
             .transpose()?
             .filter(|chunk| chunk.end() > from);
         let start = holding.map_or(from, |chunk| chunk.first);
-        let books = inner.books.lock().expect("books lock");
-        for item in inner.tree.range(chunk_key(start, 0)..chunk_key(end, 0)) {
+        for item in self.tree.range(chunk_key(start, 0)..chunk_key(end, 0)) {
             let (key, value) = item?;
             let mut chunk = decode_chunk_key(&key)?;
             chunk.stored_bytes = stored_size(value.len());
@@ -92,10 +108,9 @@ impl Queue {
     /// Moves a chunk that cannot be read out of the queue, atomically, into the `quarantine`
     /// tree (same key, its bytes and the reason), for an operator to inspect; its pending
     /// calls count as dead, reason `quarantined`.
-    fn quarantine(&self, damaged: Damaged) -> Result<(), QueueError> {
+    fn quarantine(&self, books: &mut Books, damaged: Damaged) -> Result<(), QueueError> {
         use sled::transaction::ConflictableTransactionError;
         use sled::Transactional;
-        let inner = &self.inner;
         let chunk = damaged.chunk;
         tracing::error!(
             first_id = chunk.first,
@@ -103,10 +118,9 @@ impl Queue {
             reason = %damaged.reason,
             "unreadable queued chunk moved to quarantine"
         );
-        let quarantine = inner.db.open_tree(QUARANTINE_TREE)?;
-        let mut books = inner.books.lock().expect("books lock");
+        let quarantine = self.db.open_tree(QUARANTINE_TREE)?;
         let key = chunk_key(chunk.first, chunk.count);
-        if inner.tree.get(key)?.as_deref() != Some(damaged.value.as_slice()) {
+        if self.tree.get(key)?.as_deref() != Some(damaged.value.as_slice()) {
             // Another reader moved it meanwhile: count it once.
             return Ok(());
         }
@@ -122,7 +136,7 @@ impl Queue {
         entry.extend_from_slice(damaged.reason.as_bytes());
         entry.push(b'\n');
         entry.extend_from_slice(&damaged.value);
-        (&inner.tree, &quarantine)
+        (&self.tree, &quarantine)
             .transaction(|(tree, quarantine)| {
                 tree.remove(&key[..])?;
                 tree.remove(&done_key(chunk.first)[..])?;
@@ -139,9 +153,9 @@ impl Queue {
                 reason: DeadCause::Quarantined.as_str(),
             })
             .inc_by(lost);
-        inner.budget.add(stored_size(entry.len()));
-        inner.budget.release(chunk.stored_bytes);
-        inner.commit.mark_dirty();
+        self.budget.add(stored_size(entry.len()));
+        self.budget.release(chunk.stored_bytes);
+        self.commit.mark_dirty();
         Ok(())
     }
 }

@@ -13,9 +13,14 @@ impl Queue {
     /// Marks delivered calls done, and removes the chunks left with nothing pending, in one
     /// atomic step with the counters.
     pub fn remove(&self, calls: &[QueuedCall]) -> Result<(), QueueError> {
-        let inner = &self.inner;
-        let mut books = inner.books.lock().expect("books lock");
-        let gone = inner.gone_chunks(&books, calls)?;
+        self.with_books(|inner, books| inner.remove(books, calls))
+    }
+}
+
+impl Inner {
+    /// [`Queue::remove`] on this database, its books locked.
+    fn remove(&self, books: &mut Books, calls: &[QueuedCall]) -> Result<(), QueueError> {
+        let gone = self.gone_chunks(books, calls)?;
         let settlement = books.settle(calls, |chunk| !gone.contains(&chunk.first));
         if settlement.newly_done.is_empty() {
             return Ok(());
@@ -28,18 +33,16 @@ impl Queue {
             None => batch.remove(key),
         });
         batch.insert(LEDGER_KEY, encode_counters(&counters)?);
-        inner.tree.apply_batch(batch)?;
+        self.tree.apply_batch(batch)?;
         books.apply(&settlement, counters);
         crate::metrics::metrics()
             .calls_delivered
             .inc_by(settlement.newly_done.len() as u64);
-        inner.budget.free(settlement.freed_bytes());
-        inner.commit.mark_dirty();
+        self.budget.free(settlement.freed_bytes());
+        self.commit.mark_dirty();
         Ok(())
     }
-}
 
-impl Inner {
     /// The chunks of `calls` that are no longer in the queue: every call of theirs was
     /// settled before, so settling them again must change nothing.
     pub(super) fn gone_chunks(
