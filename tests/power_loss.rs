@@ -375,7 +375,16 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
             bad_calls: false,
         };
         let stopped = stopped_at_failpoint(
-            &data_dir, &unix, &cut_args, &cut_env, step, small, cut, label,
+            Launch {
+                data_dir: &data_dir,
+                unix: &unix,
+                args: &cut_args,
+                env: &cut_env,
+            },
+            step,
+            small,
+            cut,
+            label,
         )
         .await;
         acknowledged.extend(stopped.acknowledged);
@@ -569,18 +578,29 @@ struct Stopped {
     broken: Option<String>,
 }
 
+/// How to start a daemon: where, on which Unix socket, with which flags and environment.
+struct Launch<'a> {
+    data_dir: &'a Path,
+    unix: &'a Path,
+    args: &'a [String],
+    env: &'a [(String, String)],
+}
+
 /// Starts the daemon armed with `failpoint` and writers on it, and waits (at most 60 s) for
 /// the failpoint to stop it.
 async fn stopped_at_failpoint(
-    data_dir: &Path,
-    unix: &Path,
-    args: &[String],
-    env: &[(String, String)],
+    launch: Launch<'_>,
     failpoint: &str,
     mix: Mix,
     seed: u64,
     label: &str,
 ) -> Stopped {
+    let Launch {
+        data_dir,
+        unix,
+        args,
+        env,
+    } = launch;
     let reached = format!("failpoint {failpoint} reached");
     let daemon = match start_daemon(data_dir, args, env).await.await.unwrap() {
         Ok(daemon) => daemon,

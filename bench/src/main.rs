@@ -517,7 +517,12 @@ async fn reclaim_rows(placement: Placement, dir: &std::path::Path, calls: u64) -
 /// A backlog of `calls` queued, delivered to a sink, then the data dir watched (once a
 /// second) until it is under [`RECLAIM_TARGET_BYTES`] or [`RECLAIM_WINDOW`] has passed; the
 /// RSS after [`RECLAIM_IDLE`] more; and a restart on what is left.
-async fn reclaim(placement: Placement, data: &std::path::Path, calls: u64, rebuild: bool) -> ReclaimRow {
+async fn reclaim(
+    placement: Placement,
+    data: &std::path::Path,
+    calls: u64,
+    rebuild: bool,
+) -> ReclaimRow {
     prefill(data, calls).await;
     let disk_bytes_full = disk_usage(data);
     let sink = Sink::start().await;
