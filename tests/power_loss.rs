@@ -3,17 +3,19 @@
 //! cut left. Every call answered 200 in `fsync` mode must come back: delivered upstream, or
 //! dead-lettered if upstream refuses it, with the books balanced.
 //!
-//! Each cut is one of five scenarios: the first seconds after a first start on an empty data
+//! Each cut is one of six scenarios: the first seconds after a first start on an empty data
 //! dir; steady load with upstream down; a restart (sled's recovery and snapshot); a drain
-//! (deliveries and removals); dead-lettering. Each cut's image is one of the power-cut
-//! filesystem's variations (every unsynced write lost, a random subset of unsynced blocks
-//! kept, the last kept write torn), chosen by the cut's seed.
+//! (deliveries and removals); dead-lettering; a rebuild of the database, cut at one of its
+//! steps. Each cut's image is one of the power-cut filesystem's variations (every unsynced
+//! write lost, a random subset of unsynced blocks kept, the last kept write torn), chosen by
+//! the cut's seed.
 //!
 //! `GROUPRELAY_TEST_SEED` replays a run (the seed is printed, and named in every failure);
 //! `GROUPRELAY_POWER_CUTS=N` runs N cuts per scenario instead of [`DEFAULT_CUTS`].
 //!
-//! The harness is shown to catch loss: the same cuts in `interval` mode, and in `fsync` mode
-//! with the failpoint that skips the `fdatasync`, must report lost calls.
+//! The harness is shown to catch loss: the same cuts in `interval` mode, in `fsync` mode
+//! with the failpoint that skips the `fdatasync`, and a rebuild that skips its syncs, must
+//! report lost calls.
 
 mod common;
 
@@ -27,7 +29,7 @@ use common::{batch, post, stopped_queue, Books, Daemon, Group, Reply, Rng, Upstr
 use powercut::{PowerCut, Variation};
 use tokio::time::Instant;
 
-/// Cuts per scenario in a plain `cargo test`: five scenarios, 30 cuts.
+/// Cuts per scenario in a plain `cargo test`: six scenarios, 36 cuts.
 const DEFAULT_CUTS: u64 = 6;
 const WRITERS: usize = 8;
 /// Calls in a small batch request.
