@@ -20,7 +20,9 @@ impl Queue {
     /// Moves calls from the queue to the dead-letter store in one atomic step with the
     /// counters: after a crash each call is in exactly one of the two.
     pub fn dead_letter(&self, calls: &[QueuedCall], reason: &DeadReason) -> Result<(), QueueError> {
-        self.with_books(|inner, books| inner.dead_letter(books, calls, reason))
+        let moved = self.with_books(|inner, books| inner.dead_letter(books, calls, reason));
+        self.settled();
+        moved
     }
 
     /// The dead letters, oldest first.
@@ -52,7 +54,9 @@ impl Queue {
     /// Deletes dead letters for good; ids that are not there are skipped. Returns how many
     /// were deleted.
     pub fn purge_dead(&self, ids: &[u64]) -> Result<usize, QueueError> {
-        self.with_books(|inner, _| inner.purge_dead(ids))
+        let purged = self.with_books(|inner, _| inner.purge_dead(ids));
+        self.settled();
+        purged
     }
 
     /// Queues dead letters again, with the same call (same `messageId`) and writeKey, then

@@ -321,6 +321,11 @@ impl Queue {
         self.inner().close().await
     }
 
+    /// Tells the reclaim task that calls left the queue: the files may be worth a rebuild.
+    fn settled(&self) {
+        self.shared.settled.notify_one();
+    }
+
     /// The database in use.
     fn inner(&self) -> Arc<Inner> {
         self.shared.current.read().expect("queue lock").clone()
@@ -339,10 +344,7 @@ impl Queue {
             if inner.retired.load(Ordering::SeqCst) {
                 continue;
             }
-            let settled = settle(&inner, &mut books);
-            drop(books);
-            self.shared.settled.notify_one();
-            return settled;
+            return settle(&inner, &mut books);
         }
     }
 }

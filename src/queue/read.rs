@@ -39,7 +39,9 @@ impl Queue {
 
     /// Moves a chunk that cannot be read out of the queue (see [`Inner::quarantine`]).
     fn quarantine(&self, damaged: Damaged) -> Result<(), QueueError> {
-        self.with_books(|inner, books| inner.quarantine(books, damaged))
+        let moved = self.with_books(|inner, books| inner.quarantine(books, damaged));
+        self.settled();
+        moved
     }
 }
 

@@ -104,13 +104,7 @@ impl Queue {
             return Err(e);
         }
         crate::failpoint::hit("rebuild-before-switch");
-        rename_synced(&paths.db, &paths.old, &options.data_dir)?;
-        crate::failpoint::hit("rebuild-between-renames");
-        if let Err(e) = rename_synced(&paths.next, &paths.db, &options.data_dir) {
-            // Still the old database's directory name, if it can be given back.
-            let _ = rename_synced(&paths.old, &paths.db, &options.data_dir);
-            return Err(e);
-        }
+        self.rename_both(&paths, old)?;
         crate::failpoint::hit("rebuild-after-switch");
         let new = match open_copy(options, self.shared.advanced.clone()) {
             Ok(new) => new,
@@ -134,6 +128,37 @@ impl Queue {
             copied,
             paused: Duration::ZERO,
         })
+    }
+}
+
+impl Queue {
+    /// Steps 3 and 4. On an error the old database stays the queue, on disk and here, or, if
+    /// its name cannot be given back, it refuses appends until a restart: a call it took
+    /// then would be in a directory the next start deletes.
+    fn rename_both(&self, paths: &Paths, old: &Inner) -> Result<(), QueueError> {
+        let data_dir = &self.shared.options.data_dir;
+        let renamed = std::fs::rename(&paths.db, &paths.old)
+            .and_then(|()| crate::dirsync::sync_dir(data_dir))
+            .map(|()| crate::failpoint::hit("rebuild-between-renames"))
+            .and_then(|()| std::fs::rename(&paths.next, &paths.db));
+        let Err(e) = renamed else {
+            // The copy has the name: whichever of the two states a crash keeps is whole.
+            if let Err(e) = crate::dirsync::sync_dir(data_dir) {
+                tracing::warn!(error = %e, "cannot sync the data dir after the queue's rebuild");
+            }
+            return Ok(());
+        };
+        let error = QueueError::Storage(format!("cannot switch the rebuilt queue in: {e}"));
+        // A copy left beside a missing `queue/` would be switched in by the next start.
+        let undone = remove_if_there(&paths.next).and_then(|()| match paths.db.exists() {
+            true => Ok(()),
+            false => rename_synced(&paths.old, &paths.db, data_dir),
+        });
+        if let Err(e) = undone {
+            old.closed.store(true, Ordering::SeqCst);
+            tracing::error!(error = %e, "a failed rebuild left the queue's directory renamed: new calls are refused; restart grouprelay");
+        }
+        Err(error)
     }
 }
 
@@ -202,8 +227,12 @@ fn copy_database(old: &Inner, to: &Path, options: &QueueOptions) -> Result<(), Q
     let meta = db.open_tree(META_TREE)?;
     // The copy's sled counts ids from 0 again: its keys start past the old one's.
     meta.insert(ID_BASE_KEY, &old.next_store_id()?.to_be_bytes())?;
-    // The byte count as it is now (settling may have moved it since `close` wrote it).
-    meta.insert(CLEAN_CLOSE_KEY, &old.budget.stored().to_be_bytes())?;
+    // The byte count, exact now that nothing writes; after a write that failed part way only
+    // a recount knows it, as after a crash.
+    match old.appender.broken() {
+        true => meta.remove(CLEAN_CLOSE_KEY)?,
+        false => meta.insert(CLEAN_CLOSE_KEY, &old.budget.stored().to_be_bytes())?,
+    };
     db.flush()?;
     if crate::failpoint::skips("rebuild-skip-sync") {
         return Ok(());

@@ -13,7 +13,9 @@ impl Queue {
     /// Marks delivered calls done, and removes the chunks left with nothing pending, in one
     /// atomic step with the counters.
     pub fn remove(&self, calls: &[QueuedCall]) -> Result<(), QueueError> {
-        self.with_books(|inner, books| inner.remove(books, calls))
+        let removed = self.with_books(|inner, books| inner.remove(books, calls));
+        self.settled();
+        removed
     }
 }
 
