@@ -11,6 +11,7 @@
 //! - `reclaim`: a queue of N calls delivered, then the disk and memory that come back within
 //!   [`RECLAIM_WINDOW`], and a restart to `/health` on what is left; beside the same with
 //!   rebuilds off (`--rebuild-above-bytes 0`, every earlier release), as the baseline;
+//! - `rebuild`: the longest a rebuild makes new calls wait: one copying the most it may;
 //! - `idle`: RSS of an idle daemon, and how often its threads wake.
 
 mod floor;
@@ -20,7 +21,7 @@ mod servers;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use grouprelay::queue::{Durability, Queue, QueueOptions};
+use grouprelay::queue::{Durability, Queue, QueueOptions, REBUILD_MAX_COPY_BYTES};
 use load::{Shape, Target};
 use serde::Serialize;
 use servers::{Placement, Sink};
@@ -41,11 +42,11 @@ const RECLAIM_IDLE: Duration = Duration::from_secs(10);
 struct Cli {
     #[command(subcommand)]
     command: Option<Internal>,
-    /// Scenarios to run, comma-separated: ingest, backlog, drain, reclaim, idle
+    /// Scenarios to run, comma-separated: ingest, backlog, drain, reclaim, rebuild, idle
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ingest,backlog,drain,reclaim,idle"
+        default_value = "ingest,backlog,drain,reclaim,rebuild,idle"
     )]
     scenarios: Vec<String>,
     /// Connection counts for ingest
@@ -106,6 +107,8 @@ struct Report {
     drain: Option<DrainRow>,
     /// With rebuilds (the default) and without (the baseline).
     reclaim: Vec<ReclaimRow>,
+    /// The longest a rebuild makes new calls wait: one that copies the most it may.
+    largest_rebuild: Option<RebuildPause>,
     idle_rss_mb: Option<f64>,
     /// Context switches a second over every thread of an idle daemon.
     idle_wakeups_per_sec: Option<f64>,
@@ -164,6 +167,16 @@ struct ReclaimRow {
     disk_ratio: f64,
     idle_rss_ratio: f64,
     restart_ratio: f64,
+}
+
+#[derive(Serialize)]
+struct RebuildPause {
+    /// Bytes of stored records the rebuild copied.
+    copied_bytes: u64,
+    files_before_bytes: u64,
+    files_after_bytes: u64,
+    /// How long appends waited.
+    paused_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -240,6 +253,9 @@ async fn run(cli: &Cli, placement: Placement, machine: String) -> Report {
     }
     if wants("reclaim") {
         report.reclaim = reclaim_rows(placement, dir.path(), cli.backlog_calls).await;
+    }
+    if wants("rebuild") {
+        report.largest_rebuild = Some(largest_rebuild(&dir.path().join("largest-rebuild")).await);
     }
     if wants("idle") {
         let sink = Sink::start().await;
@@ -582,6 +598,39 @@ async fn reclaim(
     }
 }
 
+/// A queue in this process holding just under [`REBUILD_MAX_COPY_BYTES`] of calls after
+/// 300,000 came and went, rebuilt: the most a rebuild copies, and so the longest it makes
+/// new calls wait.
+async fn largest_rebuild(data: &std::path::Path) -> RebuildPause {
+    // fsync: every call readable (durable) once appended.
+    let queue = Queue::open(QueueOptions {
+        durability: Durability::Fsync,
+        max_bytes: u64::MAX,
+        rebuild_above_bytes: 0,
+        ..QueueOptions::new(data)
+    })
+    .unwrap();
+    for i in (0..300_000u64).step_by(1000) {
+        let calls: Vec<Vec<u8>> = (i..i + 1000)
+            .map(|j| load::group_call(&format!("pause-{j}-0000-0000-000000000000")).into_bytes())
+            .collect();
+        queue.append("BENCH_KEY", 1, &calls, &[]).await.unwrap();
+    }
+    // Deliver from the front until what is left fits in one rebuild's copy.
+    while queue.stored_bytes() > REBUILD_MAX_COPY_BYTES {
+        let calls = queue.read(0, 1000).unwrap();
+        queue.remove(&calls).unwrap();
+    }
+    let rebuilt = queue.rebuild().await.unwrap();
+    queue.close().await.unwrap();
+    RebuildPause {
+        copied_bytes: rebuilt.copied,
+        files_before_bytes: rebuilt.files_before,
+        files_after_bytes: rebuilt.files_after,
+        paused_ms: rebuilt.paused.as_secs_f64() * 1000.0,
+    }
+}
+
 /// Polls `/health` until it answers 200 (start-up time is what is measured here).
 async fn health(target: &Target) {
     let Target::Tcp(addr) = target else {
@@ -704,6 +753,15 @@ fn print_report(report: &Report) {
                 r.restart_ratio
             );
         }
+    }
+    if let Some(r) = &report.largest_rebuild {
+        println!(
+            "largest rebuild: {:.1} MB of records copied, files {:.1} MB -> {:.1} MB, new calls waited {:.0} ms",
+            mb(r.copied_bytes),
+            mb(r.files_before_bytes),
+            mb(r.files_after_bytes),
+            r.paused_ms
+        );
     }
     if let Some(idle) = report.idle_rss_mb {
         println!("idle RSS: {idle:.1} MB");

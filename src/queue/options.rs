@@ -18,8 +18,8 @@ pub const DEFAULT_REBUILD_ABOVE_BYTES: u64 = 64 << 20;
 /// stores: most of the file is then space sled freed but keeps.
 pub const REBUILD_GARBAGE_FACTOR: u64 = 4;
 /// The most stored bytes a rebuild copies. New calls wait while it copies, so this bounds
-/// that pause (about a tenth of a second on a laptop's SSD); a queue storing more waits for
-/// delivery to bring it down.
+/// that pause (the benchmark's `rebuild` scenario measures it); a queue storing more waits
+/// for delivery to bring it down.
 pub const REBUILD_MAX_COPY_BYTES: u64 = 16 << 20;
 
 /// When an append counts as done.
