@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{batch, post, stopped_queue, Books, Daemon, Group, Reply, Rng, Upstream};
+use common::{batch, post, stopped_queue, Books, Daemon, Group, Rng, Upstream};
 use powercut::{PowerCut, Variation};
 use tokio::time::Instant;
 
@@ -268,25 +268,10 @@ async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outc
 
     // The stand-in upstream: up or down (switched up for the reboot); in the dead-letter
     // scenario it refuses, for good, any batch holding a `bad-` call.
-    let upstream_up = Arc::new(AtomicBool::new(match scenario {
+    let (upstream, upstream_up) = Upstream::switched_refusing_bad(match scenario {
         Scenario::Steady => false,
         Scenario::Drain | Scenario::DeadLetter | Scenario::Rebuild => true,
         Scenario::FirstStart | Scenario::Restart => rng.below(2) == 0,
-    }));
-    let up = upstream_up.clone();
-    let upstream = Upstream::start(move |request| {
-        let bad = |c: &serde_json::Value| {
-            c["messageId"]
-                .as_str()
-                .is_some_and(|id| id.starts_with("bad-"))
-        };
-        if request.calls().iter().any(bad) {
-            Reply::Status(400)
-        } else if up.load(Ordering::SeqCst) {
-            Reply::Status(200)
-        } else {
-            Reply::Status(503)
-        }
     })
     .await;
 

@@ -7,30 +7,12 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use common::{
-    batch, call, on_disk, open_again, post, stopped_queue, Books, Daemon, Reply, Upstream,
+use common::{batch, call, on_disk, open_again, post, stopped_queue, Books, Daemon, Upstream};
+use grouprelay::queue::{
+    files_bytes, DeadCause, DeadReason, Durability, Queue, QueueOptions, DB_DIR,
 };
-use grouprelay::queue::{DeadCause, DeadReason, Durability, Queue, QueueOptions, DB_DIR};
 use grouprelay::spec::{RejectedCall, Violation};
-
-/// Bytes of disk the files under `dir` take.
-fn files_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => files_bytes(&e.path()),
-                    Ok(m) => m.blocks() * 512,
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
 
 /// What a rebuild must leave as it was: every count, every pending call with its id, every
 /// dead letter with its id, every rejected call, the byte count.
@@ -228,29 +210,6 @@ async fn appends_and_settling_during_rebuilds_lose_nothing() {
     queue.close().await.unwrap();
 }
 
-/// The stand-in upstream for the crash tests: refuses for good any batch holding a `bad-`
-/// call; otherwise answers 200 while `up`, else 503.
-async fn upstream() -> (Upstream, Arc<AtomicBool>) {
-    let up = Arc::new(AtomicBool::new(true));
-    let is_up = up.clone();
-    let upstream = Upstream::start(move |request| {
-        let bad = |c: &serde_json::Value| {
-            c["messageId"]
-                .as_str()
-                .is_some_and(|id| id.starts_with("bad-"))
-        };
-        if request.calls().iter().any(bad) {
-            Reply::Status(400)
-        } else if is_up.load(Ordering::SeqCst) {
-            Reply::Status(200)
-        } else {
-            Reply::Status(503)
-        }
-    })
-    .await;
-    (upstream, up)
-}
-
 fn daemon_args<'a>(upstream: &'a str, rebuild_above: &'a str) -> Vec<&'a str> {
     vec![
         "--write-key",
@@ -345,7 +304,7 @@ async fn filled_data_dir(data_dir: &Path, upstream: &Upstream, up: &AtomicBool) 
 async fn a_crash_at(failpoint: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let (upstream, up) = upstream().await;
+    let (upstream, up) = Upstream::switched_refusing_bad(true).await;
     let filled = filled_data_dir(&data_dir, &upstream, &up).await;
     assert_eq!(filled.dead.len(), 6);
     assert!(

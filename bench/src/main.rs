@@ -21,7 +21,7 @@ mod servers;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use grouprelay::queue::{Durability, Queue, QueueOptions, REBUILD_MAX_COPY_BYTES};
+use grouprelay::queue::{files_bytes, Durability, Queue, QueueOptions, REBUILD_MAX_COPY_BYTES};
 use load::{Shape, Target};
 use serde::Serialize;
 use servers::{Placement, Sink};
@@ -463,7 +463,7 @@ async fn backlog(
     calls: u64,
     call_bytes: u64,
 ) -> BacklogRow {
-    let disk_bytes = disk_usage(data);
+    let disk_bytes = files_bytes(data);
     // Upstream down (nothing listens there): the backlog stays put while we measure.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -540,7 +540,7 @@ async fn reclaim(
     rebuild: bool,
 ) -> ReclaimRow {
     prefill(data, calls).await;
-    let disk_bytes_full = disk_usage(data);
+    let disk_bytes_full = files_bytes(data);
     let sink = Sink::start().await;
     let rebuild_args: &[&str] = if rebuild {
         &[]
@@ -556,7 +556,7 @@ async fn reclaim(
     let drained = Instant::now();
     let mut seconds_to_target = None;
     while drained.elapsed() < RECLAIM_WINDOW {
-        if disk_usage(data) < RECLAIM_TARGET_BYTES {
+        if files_bytes(data) < RECLAIM_TARGET_BYTES {
             seconds_to_target = Some(drained.elapsed().as_secs_f64());
             break;
         }
@@ -565,7 +565,7 @@ async fn reclaim(
     tokio::time::sleep(RECLAIM_IDLE).await;
     let (idle_rss, peak_rss) = server.rss();
     server.stop();
-    let disk_bytes_after = disk_usage(data);
+    let disk_bytes_after = files_bytes(data);
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -650,20 +650,6 @@ async fn health(target: &Target) {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-}
-
-fn disk_usage(path: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    for entry in std::fs::read_dir(path).unwrap().flatten() {
-        let meta = entry.metadata().unwrap();
-        total += if meta.is_dir() {
-            disk_usage(&entry.path())
-        } else {
-            meta.blocks() * 512
-        };
-    }
-    total
 }
 
 fn mb(bytes: u64) -> f64 {

@@ -32,7 +32,7 @@ pub(super) fn db_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Bytes of disk the files under `dir` take (their allocated blocks), 0 if it is not there.
-pub(super) fn files_bytes(dir: &Path) -> u64 {
+pub fn files_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;

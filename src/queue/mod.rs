@@ -82,7 +82,7 @@ use budget::{stored_size, Budget};
 use commit::{AppendError, GroupCommit};
 pub use error::QueueError;
 use layout::CLEAN_CLOSE_KEY;
-pub use layout::{DB_DIR, WATERMARK_FILE};
+pub use layout::{files_bytes, DB_DIR, WATERMARK_FILE};
 use ledger::Books;
 pub use ledger::{ChunkRef, Counters, QueuedCall};
 pub use options::{

@@ -157,6 +157,29 @@ impl Upstream {
         (upstream, switch)
     }
 
+    /// Like [`Upstream::switched`], but refusing for good (400) any batch that holds a call
+    /// whose messageId starts with `bad-`, whatever the switch.
+    pub async fn switched_refusing_bad(on: bool) -> (Upstream, Arc<AtomicBool>) {
+        let switch = Arc::new(AtomicBool::new(on));
+        let up = switch.clone();
+        let upstream = Upstream::start(move |request| {
+            let bad = |c: &serde_json::Value| {
+                c["messageId"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("bad-"))
+            };
+            if request.calls().iter().any(bad) {
+                Reply::Status(400)
+            } else if up.load(Ordering::SeqCst) {
+                Reply::Status(200)
+            } else {
+                Reply::Status(503)
+            }
+        })
+        .await;
+        (upstream, switch)
+    }
+
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
