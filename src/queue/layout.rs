@@ -3,6 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+/// The data dir's lock: held (`flock`) by the process whose queue it is, from before a
+/// rebuild's leftovers are looked at until the queue is dropped, so that a second grouprelay
+/// never touches a directory a rebuild is switching.
+pub const LOCK_FILE: &str = "grouprelay.lock";
 /// Name of the sled database directory inside the data dir.
 pub const DB_DIR: &str = "queue";
 /// The durable watermark's file, beside sled's inside the database directory, so that it

@@ -82,7 +82,7 @@ use budget::{stored_size, Budget};
 use commit::{AppendError, GroupCommit};
 pub use error::QueueError;
 use layout::CLEAN_CLOSE_KEY;
-pub use layout::{files_bytes, DB_DIR, WATERMARK_FILE};
+pub use layout::{files_bytes, DB_DIR, LOCK_FILE, WATERMARK_FILE};
 use ledger::Books;
 pub use ledger::{ChunkRef, Counters, QueuedCall};
 pub use options::{
@@ -133,6 +133,8 @@ struct Shared {
     rebuilds: AtomicU64,
     /// The reclaim task, stopped by `close`.
     reclaim: Mutex<Option<JoinHandle<()>>>,
+    /// The data dir's lock, held as long as the queue is.
+    _lock: std::fs::File,
 }
 
 struct Inner {

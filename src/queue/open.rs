@@ -16,8 +16,8 @@ use super::keys::{
     decode_chunk_key, decode_done_key, decode_id, CHUNK_PREFIX, DONE_PREFIX, LEDGER_KEY,
 };
 use super::layout::{
-    db_path, DB_FORMAT, DEAD_TREE, FORMAT_KEY, ID_BASE_KEY, META_TREE, QUEUE_TREE, REJECTED_TREE,
-    WATERMARK_FILE,
+    db_path, DB_FORMAT, DEAD_TREE, FORMAT_KEY, ID_BASE_KEY, LOCK_FILE, META_TREE, QUEUE_TREE,
+    REJECTED_TREE, WATERMARK_FILE,
 };
 use super::ledger::{self, Books, Counters};
 use super::options::QueueOptions;
@@ -32,6 +32,7 @@ impl Queue {
     /// switch that a crash cut short. Must run inside a tokio runtime: it starts the
     /// committer and reclaim tasks.
     pub fn open(options: QueueOptions) -> Result<Queue, QueueError> {
+        let lock = lock_data_dir(&options.data_dir)?;
         rebuild::finish_switch(&options.data_dir).map_err(|e| {
             QueueError::Storage(format!(
                 "cannot finish the queue's rebuild in {}: {e}",
@@ -51,6 +52,7 @@ impl Queue {
                 earlier_flushes: AtomicU64::new(0),
                 rebuilds: AtomicU64::new(0),
                 reclaim: Mutex::new(None),
+                _lock: lock,
             }),
         };
         let task = reclaim::start(&queue);
@@ -172,6 +174,35 @@ impl Recovered {
             retired: AtomicBool::new(false),
         })
     }
+}
+
+/// Takes the data dir's lock ([`LOCK_FILE`]), creating the data dir if need be; held while
+/// the file stays open.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, QueueError> {
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join(LOCK_FILE);
+    let storage =
+        |e: std::io::Error| QueueError::Storage(format!("cannot lock {}: {e}", path.display()));
+    crate::dirsync::create_dir_all(data_dir, 0o700).map_err(storage)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(storage)?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(QueueError::InUse {
+                dir: data_dir.to_path_buf(),
+                pid: lock_holder(&path),
+            });
+        }
+        return Err(storage(error));
+    }
+    Ok(file)
 }
 
 /// sled's "could not acquire lock" in plain words, with the holder's pid when the kernel's

@@ -58,7 +58,7 @@ impl Queue {
     /// Appends wait meanwhile; reads and settling go on with whichever database is in use.
     pub async fn rebuild(&self) -> Result<Rebuilt, QueueError> {
         let started = Instant::now();
-        let _alone = self.shared.appends.write().await;
+        let alone = self.shared.appends.write().await;
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(QueueError::Closed);
         }
@@ -72,6 +72,9 @@ impl Queue {
         let rebuilt = tokio::task::spawn_blocking(move || queue.switch_from(&switched))
             .await
             .map_err(|e| QueueError::Storage(format!("the rebuild failed: {e}")))??;
+        // The copy is the queue: appends go on, into it.
+        let paused = started.elapsed();
+        drop(alone);
         // The old database is no longer the queue: stop its appender and committer.
         if let Err(e) = old.close().await {
             tracing::warn!(error = %e, "the rebuilt queue's old database did not close cleanly");
@@ -84,10 +87,7 @@ impl Queue {
         give_memory_back();
         // Readers waiting for calls look again, now in the copy.
         self.shared.advanced.notify_waiters();
-        Ok(Rebuilt {
-            paused: started.elapsed(),
-            ..rebuilt
-        })
+        Ok(Rebuilt { paused, ..rebuilt })
     }
 
     /// Steps 2 to 5, with `old`'s books locked throughout.
