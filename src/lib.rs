@@ -6,8 +6,8 @@
 //! |---|---|
 //! | [`config`] | every setting defined once; the one typed [`config::Config`], in sections: flags > env > file > defaults |
 //! | [`daemon`] | start-up and shutdown order: queue, forwarder, listeners, systemd's READY; then stop, drain, close |
-//! | [`server`] | where to listen, the listeners (TCP and Unix, bound or passed by systemd), the HTTP/1.1 connections on them |
-//! | [`http`] | the API: routes, the call path (writeKey, body limits, gzip, the queue, 200), `/health` `/ready` `/stats` `/metrics`, `/admin/`, JSON answers |
+//! | [`server`] | where to listen, the listeners (TCP and Unix, bound or passed by systemd), the admin socket and who may use it, the HTTP/1.1 connections on them |
+//! | [`http`] | the API: routes, the call path (writeKey, body limits, gzip, the queue, 200), `/health` `/ready` `/stats` `/metrics`, `/admin/` (on the admin socket only), JSON answers |
 //! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
 //! | [`queue`] | the sled database: calls in chunks, appended together and made durable by group commit, read in order, settled (delivered or dead) with durable counters; free-space floor; rebuilt into a fresh copy to give disk back |
 //! | [`forward`] | lanes per writeKey, batches upstream (directly or through an egress proxy), retry with backoff, bisecting refusals; upstream health on a `watch` channel |
@@ -32,9 +32,9 @@
 //!                             ▼
 //! upstream ◀─HTTP── forward (2xx: queue.remove; 4xx: queue.dead_letter; else retry)
 //! ```
-//! Operators look in through `/stats`, `/metrics` and `/admin/` (`grouprelay status`,
-//! `grouprelay dead ...`), which read one [`status::Status`]: the queue's counters and the
-//! forwarder's published upstream health. A call moves in one direction only; the queue is
+//! Operators look in through `/stats`, `/metrics` and, on the admin socket only, `/admin/`
+//! (`grouprelay status`, `grouprelay dead ...`), which read one [`status::Status`]: the
+//! queue's counters and the forwarder's published upstream health. A call moves in one direction only; the queue is
 //! the single hand-off point between the request side and the delivery side.
 
 pub mod admin;

@@ -1,5 +1,6 @@
-//! The admin commands against a running daemon: `status`, and `dead list/show/replay/purge`,
-//! including a dead letter replayed and delivered, over TCP and the Unix socket.
+//! The admin commands against a running daemon's admin socket: `status`, and `dead
+//! list/show/replay/purge`, including a dead letter replayed and delivered; the calls'
+//! listeners refuse `/admin/`.
 
 mod common;
 
@@ -40,8 +41,9 @@ async fn status_and_dead_letters_list_show_replay_and_purge() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("grouprelay.sock");
     let unix_url = format!("unix:{}", socket.display());
+    let data = dir.path().join("data");
     let daemon = Daemon::start(
-        &dir.path().join("data"),
+        &data,
         &[
             "--upstream",
             &upstream.url(),
@@ -51,7 +53,7 @@ async fn status_and_dead_letters_list_show_replay_and_purge() {
             &unix_url,
         ],
     );
-    let url = format!("http://{}", daemon.addr);
+    let url = format!("unix:{}", data.join("admin.sock").display());
     for (i, user) in ["poison", "ok", "poison"].iter().enumerate() {
         let call = group(user).untyped().id(format!("m-{i}"));
         let response = daemon
@@ -73,7 +75,14 @@ async fn status_and_dead_letters_list_show_replay_and_purge() {
     );
     assert!(out.contains("upstream: healthy"), "{out}");
 
-    let (code, out, err) = grouprelay(&["dead", "list", "--url", &unix_url]).await;
+    // The calls' listeners, TCP and Unix, send the operator to the admin socket.
+    for calls_url in [format!("http://{}", daemon.addr), unix_url.clone()] {
+        let (code, _, err) = grouprelay(&["dead", "list", "--url", &calls_url]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("403") && err.contains("admin.sock"), "{err}");
+    }
+
+    let (code, out, err) = grouprelay(&["dead", "list", "--url", &url]).await;
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
@@ -153,8 +162,8 @@ async fn status_shows_upstream_backing_off() {
         .await;
     assert_eq!(response.status, 200);
     daemon.wait_for_log("retrying").await;
-    let (code, out, err) =
-        grouprelay(&["status", "--url", &format!("http://{}", daemon.addr)]).await;
+    let admin = format!("unix:{}", dir.path().join("admin.sock").display());
+    let (code, out, err) = grouprelay(&["status", "--url", &admin]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("queue: 1 call ("), "{out}");
     assert!(out.contains("upstream: backing off until"), "{out}");
@@ -162,8 +171,9 @@ async fn status_shows_upstream_backing_off() {
     daemon.terminate();
 }
 
-/// With `--allow-remote`, the Tracking API answers other hosts but the admin endpoints do
-/// not. (Needs an address beyond loopback on this host; skipped with a message without one.)
+/// With `--allow-remote`, the Tracking API answers other hosts, and the admin endpoints send
+/// every TCP client, remote or loopback, to the admin socket. (Needs an address beyond
+/// loopback on this host; skipped with a message without one.)
 #[tokio::test]
 async fn admin_endpoints_refuse_clients_beyond_loopback() {
     // The host's own outward address: the source a UDP socket would use (nothing is sent).
@@ -189,14 +199,18 @@ async fn admin_endpoints_refuse_clients_beyond_loopback() {
     let remote = std::net::SocketAddr::new(outward, port);
     let status = common::send_tcp(remote, &common::get("/admin/status")).await;
     assert_eq!(status.status, 403);
-    assert_eq!(status.json()["code"], "admin_local_only");
+    assert_eq!(status.json()["code"], "admin_not_here");
     assert_eq!(
         common::send_tcp(remote, &common::get("/health"))
             .await
             .status,
         200
     );
-    // The same endpoint from loopback is answered.
-    assert_eq!(daemon.send(&common::get("/admin/status")).await.status, 200);
+    // From loopback too: the admin API is on its socket alone.
+    let local = daemon.send(&common::get("/admin/status")).await;
+    assert_eq!(
+        (local.status, local.json()["code"].clone()),
+        (403, "admin_not_here".into())
+    );
     daemon.terminate();
 }

@@ -61,13 +61,16 @@ async fn https_upstream_through_an_authenticating_proxy_from_the_variables() {
     // It went through the proxy, as a CONNECT tunnel to the stand-in.
     proxy.wait_for_log(&format!("CONNECT {}", upstream.addr));
     // The proxy in use is shown, without its password.
-    let status = run_output(&["status", "--url", &format!("http://{}", daemon.addr)]);
+    let status = run_output(&["status", "--url", &daemon.admin_url()]);
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(
         status.contains(&format!("through the proxy http://{}", proxy.addr)),
         "{status}"
     );
-    let admin = daemon.send(&common::get("/admin/status")).await.json();
+    let admin = daemon
+        .send_admin(&common::get("/admin/status"))
+        .await
+        .json();
     assert_eq!(admin["upstream"]["proxy"], format!("http://{}", proxy.addr));
     daemon.wait_for_log("forwarding").await;
     let log = daemon.log_text();

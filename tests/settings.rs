@@ -4,7 +4,7 @@
 use grouprelay::config::settings::shown_defaults;
 
 /// The package sets these itself (an uncommented key in the TOML), on purpose.
-const PACKAGE_CHOICES: &[&str] = &["listen"];
+const PACKAGE_CHOICES: &[&str] = &["listen", "admin-group"];
 
 fn repo_file(path: &str) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);

@@ -19,20 +19,26 @@ use crate::clock;
 use crate::http::admin::{DeadSummary, Selection};
 use crate::http::routes::DeadAction;
 use crate::human::{bytes, count};
+use crate::server::operator;
 use crate::status::Status;
 use client::Target;
 
-/// Where the admin commands look for the daemon unless told otherwise.
-pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:8788";
 /// Exit status for a bad argument.
 const EXIT_USAGE: u8 = 2;
 
 /// How the admin commands find the daemon.
 #[derive(clap::Args)]
 pub struct AdminArgs {
-    /// The daemon: http://HOST:PORT or unix:PATH
-    #[arg(long, value_name = "URL", env = "GROUPRELAY_URL", default_value = DEFAULT_ADMIN_URL)]
-    url: String,
+    /// The daemon's admin socket, unix:PATH [default: found as `run` places it, from the same config file and variables]
+    #[arg(long, value_name = "URL", env = "GROUPRELAY_URL")]
+    url: Option<String>,
+}
+
+/// The daemon to ask, and how to tell a user who may not.
+struct Daemon {
+    target: Target,
+    /// "run as root or as a member of GROUP".
+    who_may: String,
 }
 
 /// `grouprelay dead ...`
@@ -199,6 +205,8 @@ enum Failure {
     Unreachable(String),
     /// The daemon refused: its status and message.
     Refused(u16, String),
+    /// The admin socket's permissions keep this user out.
+    Denied(String),
     /// The answer is not what the daemon sends.
     Answer(String),
 }
@@ -207,7 +215,9 @@ impl Failure {
     fn report(self) -> ExitCode {
         match self {
             Failure::Usage => return ExitCode::from(EXIT_USAGE),
-            Failure::Unreachable(e) | Failure::Answer(e) => eprintln!("grouprelay: {e}"),
+            Failure::Unreachable(e) | Failure::Answer(e) | Failure::Denied(e) => {
+                eprintln!("grouprelay: {e}")
+            }
             Failure::Refused(status, message) => {
                 eprintln!("grouprelay: the daemon answered {status}: {message}")
             }
@@ -216,15 +226,41 @@ impl Failure {
     }
 }
 
-fn target(admin: &AdminArgs) -> Option<Target> {
-    Target::parse(&admin.url)
-        .map_err(|e| eprintln!("grouprelay: --url: {e}"))
-        .ok()
+/// The daemon: `--url`, else the admin socket where `grouprelay run` with the same config
+/// file and variables puts it.
+fn target(admin: &AdminArgs) -> Option<Daemon> {
+    // An operator may not be allowed to read the daemon's config file: then the defaults.
+    let config = run_config().unwrap_or_default();
+    let target = match &admin.url {
+        Some(url) => Target::parse(url)
+            .map_err(|e| eprintln!("grouprelay: --url: {e}"))
+            .ok()?,
+        None => Target::Unix(config.admin.path_for_client(&config.queue.data_dir)),
+    };
+    let who_may = match &target {
+        Target::Unix(path) => operator::who_may_use(path),
+        Target::Tcp(_) => None,
+    }
+    .unwrap_or_else(|| config.admin.who_may());
+    Some(Daemon { target, who_may })
+}
+
+/// The configuration `grouprelay run` would have here, without flags: the config file and
+/// the `GROUPRELAY_*` variables over the defaults.
+fn run_config() -> Result<crate::config::Config, String> {
+    use clap::{Args, FromArgMatches};
+    let command = crate::config::Settings::augment_args(clap::Command::new("grouprelay"));
+    let matches = command
+        .try_get_matches_from(["grouprelay"])
+        .map_err(|e| e.to_string())?;
+    let settings =
+        crate::config::Settings::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+    crate::config::Config::resolve(settings).map_err(|e| e.to_string())
 }
 
 /// One request to the daemon, its 200 answer read as `T`.
 fn ask<T: DeserializeOwned>(
-    target: &Target,
+    daemon: &Daemon,
     method: Method,
     path: String,
     body: Option<Vec<u8>>,
@@ -235,12 +271,15 @@ fn ask<T: DeserializeOwned>(
         .map_err(|e| Failure::Unreachable(format!("cannot start the runtime: {e}")))?;
     let (status, bytes) = runtime
         .block_on(client::request(
-            target,
+            &daemon.target,
             method,
             &path,
             body.map(Bytes::from),
         ))
-        .map_err(Failure::Unreachable)?;
+        .map_err(|e| match e.contains("Permission denied") {
+            true => Failure::Denied(format!("{e}; {}", daemon.who_may)),
+            false => Failure::Unreachable(e),
+        })?;
     let not_ours = |e: serde_json::Error| {
         Failure::Answer(format!(
             "the answer ({status}) is not what grouprelay sends ({e}): {}",

@@ -5,6 +5,7 @@ use crate::forward::upstream::UpstreamSettings;
 use crate::forward::ForwardSettings;
 use crate::http::ingest::IngestSettings;
 use crate::queue::QueueOptions;
+use crate::server::operator::AdminSettings;
 use crate::server::{ListenAddr, ServerSettings, DEFAULT_LISTEN};
 
 use super::data_dir::default_data_dir;
@@ -22,6 +23,8 @@ pub struct Config {
     pub allow_remote: bool,
     /// How connections are served.
     pub server: ServerSettings,
+    /// The admin socket: where, and who may use it.
+    pub admin: AdminSettings,
     /// Which writeKeys are taken, and how large a body.
     pub ingest: IngestSettings,
     /// The queue: its data dir, durability mode and limits.
@@ -42,6 +45,7 @@ impl Default for Config {
             listen_given: false,
             allow_remote: false,
             server: ServerSettings::default(),
+            admin: AdminSettings::default(),
             ingest: IngestSettings::default(),
             queue: QueueOptions::new(default_data_dir().unwrap_or_default()),
             upstream: UpstreamSettings::default(),

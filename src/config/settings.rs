@@ -17,6 +17,7 @@ use super::sections::{Config, LogFormat};
 use crate::forward::proxy::ProxySetting;
 use crate::forward::{load_ca_file, MAX_BATCH_EVENTS};
 use crate::queue::Durability;
+use crate::server::operator::{parse_admin_listen, Group};
 use crate::server::ListenAddr;
 
 /// One setting as `--help`, the README and the packaged TOML describe it.
@@ -191,6 +192,25 @@ settings! {
             Ok(())
         },
         shows: |c| Some(c.queue.min_free_bytes.to_string());
+
+    /// Where the admin API listens, unix:PATH [default: $RUNTIME_DIRECTORY/admin.sock under systemd, else <data-dir>/admin.sock]
+    #[arg(long, value_name = "unix:PATH", env = "GROUPRELAY_ADMIN_LISTEN")]
+    admin_listen: String,
+        apply: |c, text| {
+            c.admin.listen = Some(parse_admin_listen(&text)?);
+            Ok(())
+        },
+        shows: |_| None;
+
+    /// Group whose members may use the admin socket (made 0660, this group); without it, only root and grouprelay's own user (0600)
+    #[arg(long, value_name = "NAME", env = "GROUPRELAY_ADMIN_GROUP")]
+    admin_group: String,
+        apply: |c, name| {
+            Group::named(&name)?;
+            c.admin.group = Some(name);
+            Ok(())
+        },
+        shows: |_| None;
 
     /// Disk the queue's files may take before they are rebuilt to give space back (once most of it is free space); 0 turns it off
     #[arg(long, value_name = "N", env = "GROUPRELAY_REBUILD_ABOVE_BYTES")]

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use crate::config::{self, Config, ConfigError};
 use crate::forward::upstream::Upstream;
 use crate::forward::{self, Forwarder};
-use crate::http::Api;
+use crate::http::{AdminAccess, Api};
 use crate::human::{bytes, count};
 use crate::notify::Notifier;
 use crate::queue::{Queue, QueueError};
+use crate::server::operator::{AdminSocket, Group};
 use crate::server::{self, Inherited, Listener};
 use crate::shutdown::{self, Shutdown};
 use supervise::{status_line, supervise};
@@ -51,6 +52,7 @@ pub async fn run(
     let data_dir = config.queue.data_dir.clone();
     let durability = config.queue.durability;
     config::create_data_dir(&data_dir).map_err(DaemonError::Config)?;
+    let (admin_listener, admin_access) = admin_socket(&config)?;
     let queue = Queue::open(config.queue).map_err(|e| {
         DaemonError::Runtime(match e {
             QueueError::InUse { .. } => e.to_string(),
@@ -89,7 +91,14 @@ pub async fn run(
         shutdown.clone(),
         forwarder_stop,
     ));
-    let api = Arc::new(Api::new(queue.clone(), config.ingest, upstream_health));
+    let api = Arc::new(Api::new(
+        queue.clone(),
+        config.ingest,
+        upstream_health,
+        admin_access,
+    ));
+    let mut listeners = listeners;
+    listeners.push(admin_listener);
     server::run(listeners, api, config.server, shutdown).await;
     tracing::info!("listeners stopped");
     stop_forwarding.fire();
@@ -108,6 +117,30 @@ pub async fn run(
         bytes(queue.stored_bytes())
     );
     Ok(())
+}
+
+/// The admin socket, bound: mode 0600, or 0660 with `--admin-group` as its group.
+fn admin_socket(config: &Config) -> Result<(Listener, AdminAccess), DaemonError> {
+    let group = match &config.admin.group {
+        Some(name) => Some(Group::named(name).map_err(DaemonError::Runtime)?),
+        None => None,
+    };
+    let socket = AdminSocket {
+        path: config.admin.path(&config.queue.data_dir),
+        group,
+    };
+    let listener = socket.bind().map_err(|e| {
+        DaemonError::Runtime(format!(
+            "cannot listen on the admin socket {}: {e}",
+            socket.path.display()
+        ))
+    })?;
+    tracing::info!(path = %socket.path.display(), "admin API on its socket");
+    let access = AdminAccess {
+        socket: socket.path.clone(),
+        who_may: config.admin.who_may(),
+    };
+    Ok((Listener::Admin(listener, Arc::new(socket)), access))
 }
 
 /// The listeners: the sockets the service manager passed, held to the loopback rule like

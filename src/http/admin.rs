@@ -29,9 +29,23 @@ use crate::status::Status;
 /// Most bytes of a replay or purge request's body.
 const MAX_SELECTION_BYTES: usize = 1 << 20;
 
-/// Whether a request came from this host (loopback or the Unix socket); set by the server.
+/// Which listener a request came in on; set by the server.
 #[derive(Debug, Clone, Copy)]
-pub struct LocalPeer(pub bool);
+pub enum Channel {
+    /// A listener for calls: TCP (from this host or, with `--allow-remote`, beyond) or the
+    /// calls' Unix socket.
+    Calls { local: bool },
+    /// The admin socket; `operator`: the peer's credentials admit it.
+    Admin { operator: bool },
+}
+
+/// Where the admin API answers, and who may use it: for the refusals to name them.
+#[derive(Debug, Clone)]
+pub struct AdminAccess {
+    pub socket: std::path::PathBuf,
+    /// "run as root or as a member of GROUP".
+    pub who_may: String,
+}
 
 /// A dead letter as `dead list` shows it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -56,28 +70,49 @@ pub struct Selection {
     pub reason: Option<String>,
 }
 
-/// The admin endpoints' state: the queue and the forwarder's view of upstream.
+/// The admin endpoints' state: the queue, the forwarder's view of upstream, and where they
+/// answer.
 pub struct Admin {
     queue: Queue,
     health: watch::Receiver<UpstreamHealth>,
+    access: AdminAccess,
 }
 
 impl Admin {
-    pub fn new(queue: Queue, health: watch::Receiver<UpstreamHealth>) -> Admin {
-        Admin { queue, health }
+    pub fn new(
+        queue: Queue,
+        health: watch::Receiver<UpstreamHealth>,
+        access: AdminAccess,
+    ) -> Admin {
+        Admin {
+            queue,
+            health,
+            access,
+        }
     }
 
-    /// Answers an `/admin/` request; only clients on this host get past the first check.
+    /// Answers an `/admin/` request: only on the admin socket, and only to an operator.
     pub async fn handle(&self, route: AdminRoute, req: Request<Incoming>) -> Answer {
-        let local = req.extensions().get::<LocalPeer>().is_some_and(|p| p.0);
-        if !local {
-            body::discard(req).await;
-            return ApiError::new(
+        let channel = req.extensions().get::<Channel>().copied();
+        let refusal = match channel {
+            Some(Channel::Admin { operator: true }) => None,
+            Some(Channel::Admin { operator: false }) => Some(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "admin_local_only",
-                "the admin endpoints answer only loopback and Unix socket clients",
-            )
-            .answer();
+                "not_operator",
+                format!("{} to use the admin API", self.access.who_may),
+            )),
+            _ => Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "admin_not_here",
+                format!(
+                    "the admin API answers only on grouprelay's admin socket, {}",
+                    self.access.socket.display()
+                ),
+            )),
+        };
+        if let Some(refusal) = refusal {
+            body::discard(req).await;
+            return refusal.answer();
         }
         let result = match route {
             AdminRoute::Status => {

@@ -7,7 +7,7 @@
 //! | `ingest.rs` | the call path: writeKey, body, [`crate::spec`], the queue, then 200 |
 //! | `body.rs` | a body read within its limit; gzip decoded without inflating past it |
 //! | `observe.rs` | `/health`, `/ready`, `/stats`, `/metrics` |
-//! | `admin.rs` | `/admin/`: status and dead letters, for local clients only |
+//! | `admin.rs` | `/admin/`: status and dead letters, on the admin socket only, for operators |
 //! | `answer.rs` | every JSON answer, and the one shape of an error |
 //!
 //! A request's way: [`Api::handle`] refuses oversized headers, finds the [`Route`], checks
@@ -35,7 +35,7 @@ use crate::metrics::{metrics, RequestLabels};
 use crate::queue::Queue;
 use crate::status::Status;
 use admin::Admin;
-pub use admin::LocalPeer;
+pub use admin::{AdminAccess, Channel};
 use answer::{method_not_allowed, Answer, ApiError};
 use ingest::{Ingest, IngestSettings};
 pub use routes::Route;
@@ -56,10 +56,11 @@ impl Api {
         queue: Queue,
         settings: IngestSettings,
         health: watch::Receiver<UpstreamHealth>,
+        admin: AdminAccess,
     ) -> Api {
         Api {
             ingest: Ingest::new(queue.clone(), settings),
-            admin: Admin::new(queue.clone(), health.clone()),
+            admin: Admin::new(queue.clone(), health.clone(), admin),
             queue,
             health,
         }

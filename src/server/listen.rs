@@ -79,6 +79,8 @@ pub enum Listener {
     /// A socket file grouprelay made is removed when the listener stops; one the service
     /// manager passed (see [`take_inherited`]) stays, the manager's to keep.
     Unix(UnixListener, PathBuf, SocketFile),
+    /// The admin socket (see `operator`): its file is removed when the listener stops.
+    Admin(UnixListener, std::sync::Arc<super::operator::AdminSocket>),
 }
 
 /// Who made a Unix listener's socket file.
@@ -232,6 +234,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => Ok(ListenAddr::Tcp(l.local_addr()?)),
             Listener::Unix(_, path, _) => Ok(ListenAddr::Unix(path.clone())),
+            Listener::Admin(_, socket) => Ok(ListenAddr::Unix(socket.path.clone())),
         }
     }
 }
@@ -265,7 +268,9 @@ pub async fn open(
     Ok(listeners)
 }
 
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+/// Removes a socket file an earlier run left; refuses one another process listens on, and
+/// anything that is not a socket.
+pub(super) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

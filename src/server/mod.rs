@@ -2,9 +2,12 @@
 //!
 //! Each listener runs one accept loop; each connection is an HTTP/1.1 connection with a
 //! header read timeout, watched by a graceful-shutdown guard so that on shutdown the loop
-//! stops accepting and waits for in-flight requests to be answered.
+//! stops accepting and waits for in-flight requests to be answered. Each request carries
+//! the [`Channel`] it came in on: a listener for calls, or the admin socket with whether the
+//! peer's credentials admit it (`operator.rs`).
 
 mod listen;
+pub mod operator;
 
 use std::io;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::http::{Api, LocalPeer};
+use crate::http::{Api, Channel};
 use crate::shutdown::Shutdown;
 pub use listen::{
     open, take_inherited, Inherited, ListenAddr, Listener, SocketFile, DEFAULT_LISTEN,
@@ -97,9 +100,17 @@ async fn serve(listener: Listener, shared: Arc<Shared>, mut shutdown: Shutdown) 
                 let local = stream
                     .peer_addr()
                     .is_ok_and(|peer| peer.ip().to_canonical().is_loopback());
-                serve_connection(stream, local, &shared, permit, &graceful);
+                serve_connection(stream, Channel::Calls { local }, &shared, permit, &graceful);
             }
-            Ok(Stream::Unix(stream)) => serve_connection(stream, true, &shared, permit, &graceful),
+            Ok(Stream::Unix(stream)) => {
+                let channel = match &listener {
+                    Listener::Admin(_, socket) => Channel::Admin {
+                        operator: stream.peer_cred().is_ok_and(|peer| socket.admits(&peer)),
+                    },
+                    _ => Channel::Calls { local: true },
+                };
+                serve_connection(stream, channel, &shared, permit, &graceful)
+            }
             Err(e) => {
                 // Usually EMFILE: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -107,8 +118,14 @@ async fn serve(listener: Listener, shared: Arc<Shared>, mut shutdown: Shutdown) 
             }
         }
     }
-    if let Listener::Unix(_, path, SocketFile::Ours) = &listener {
-        let _ = std::fs::remove_file(path);
+    match &listener {
+        Listener::Unix(_, path, SocketFile::Ours) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Listener::Admin(_, socket) => {
+            let _ = std::fs::remove_file(&socket.path);
+        }
+        _ => {}
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_REQUESTS_TIMEOUT, graceful.shutdown())
@@ -127,13 +144,15 @@ enum Stream {
 async fn accept(listener: &Listener) -> io::Result<Stream> {
     match listener {
         Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
-        Listener::Unix(l, _, _) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        Listener::Unix(l, _, _) | Listener::Admin(l, _) => {
+            l.accept().await.map(|(s, _)| Stream::Unix(s))
+        }
     }
 }
 
 fn serve_connection<S>(
     stream: S,
-    local: bool,
+    channel: Channel,
     shared: &Shared,
     permit: OwnedSemaphorePermit,
     graceful: &GracefulShutdown,
@@ -143,7 +162,7 @@ fn serve_connection<S>(
     let api = shared.api.clone();
     let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let api = api.clone();
-        req.extensions_mut().insert(LocalPeer(local));
+        req.extensions_mut().insert(channel);
         async move { api.handle(req).await }
     });
     let connection = http1::Builder::new()

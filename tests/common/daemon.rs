@@ -132,6 +132,8 @@ impl Daemon {
             .env_remove("https_proxy")
             .env_remove("ALL_PROXY")
             .env_remove("all_proxy")
+            // The admin socket goes in the data dir, whatever runs the tests.
+            .env_remove("RUNTIME_DIRECTORY")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -208,6 +210,21 @@ impl Daemon {
 
     pub async fn send(&self, request: &[u8]) -> Response {
         send_tcp(self.addr, request).await
+    }
+
+    /// The admin socket, where the daemon puts it by default: in its data dir.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+
+    /// `--url` for the admin commands: the admin socket.
+    pub fn admin_url(&self) -> String {
+        format!("unix:{}", self.admin_socket().display())
+    }
+
+    /// Sends a request over the admin socket (as this test process's user: root in CI).
+    pub async fn send_admin(&self, request: &[u8]) -> Response {
+        super::http::send_unix(&self.admin_socket(), request).await
     }
 
     pub fn log_text(&self) -> String {
