@@ -52,8 +52,7 @@ pub async fn run(
     let data_dir = config.queue.data_dir.clone();
     let durability = config.queue.durability;
     config::create_data_dir(&data_dir).map_err(DaemonError::Config)?;
-    let (admin_listener, admin_access) = admin_socket(&config)?;
-    let queue = Queue::open(config.queue).map_err(|e| {
+    let queue = Queue::open(config.queue.clone()).map_err(|e| {
         DaemonError::Runtime(match e {
             QueueError::InUse { .. } => e.to_string(),
             e => format!("cannot open the queue in {}: {e}", data_dir.display()),
@@ -65,6 +64,9 @@ pub async fn run(
         durability = ?durability,
         "queue open"
     );
+    // After the queue: a second grouprelay on this data dir is named as such by the queue's
+    // lock before it could touch the first one's admin socket.
+    let (admin_listener, admin_access) = admin_socket(&config)?;
 
     let upstream = Upstream::new(&config.upstream)
         .map_err(|e| DaemonError::Runtime(format!("upstream {}: {e}", config.upstream.url)))?;
