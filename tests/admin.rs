@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use common::{group, post, run_output, Daemon, Reply, Upstream};
 
@@ -26,18 +25,8 @@ async fn grouprelay(args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_dead_letters_list_show_replay_and_purge() {
-    // Upstream refuses the "poison" calls until told otherwise.
-    let forgiving = Arc::new(AtomicBool::new(false));
-    let accept_all = forgiving.clone();
-    let upstream = Upstream::start(move |request| {
-        let poisoned = request.calls().iter().any(|c| c["userId"] == "poison");
-        if poisoned && !accept_all.load(Ordering::SeqCst) {
-            Reply::Status(400)
-        } else {
-            Reply::Status(200)
-        }
-    })
-    .await;
+    // Upstream refuses the "poison" calls until told otherwise: dead letters to manage.
+    let (upstream, forgiving) = Upstream::refusing_poison().await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("grouprelay.sock");
     let unix_url = format!("unix:{}", socket.display());

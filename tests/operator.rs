@@ -10,10 +10,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use common::{group, post, Daemon, Reply, Upstream, BIN};
+use common::{group, post, Daemon, Upstream, BIN};
 
 /// A group and two users made for the test, removed when dropped.
 struct Accounts {
@@ -148,16 +147,7 @@ async fn only_root_and_the_admin_group_use_the_admin_api() {
     let socket = open.path().join("admin").join("admin.sock");
     let admin_url = format!("unix:{}", socket.display());
     // Upstream refuses the "poison" calls until told otherwise: dead letters to manage.
-    let forgiving = Arc::new(AtomicBool::new(false));
-    let accept_all = forgiving.clone();
-    let upstream = Upstream::start(move |request| {
-        let poisoned = request.calls().iter().any(|c| c["userId"] == "poison");
-        match poisoned && !accept_all.load(Ordering::SeqCst) {
-            true => Reply::Status(400),
-            false => Reply::Status(200),
-        }
-    })
-    .await;
+    let (upstream, forgiving) = Upstream::refusing_poison().await;
     let data = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(
         data.path(),
@@ -224,13 +214,9 @@ async fn only_root_and_the_admin_group_use_the_admin_api() {
         "{out}"
     );
     // On the admin socket, the mode keeps the outsider out, and the command says who may.
-    let (code, out) = as_user(
-        &binary,
-        &accounts.outsider,
-        group,
-        &["dead", "list", "--url", &admin_url],
-    )
-    .await;
+    let list = ["dead", "list", "--url", &admin_url];
+    let outsider_lists = || as_user(&binary, &accounts.outsider, group, &list);
+    let (code, out) = outsider_lists().await;
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains(&format!("run as root or as a member of {group}")),
@@ -238,13 +224,7 @@ async fn only_root_and_the_admin_group_use_the_admin_api() {
     );
     // Loosened by hand, the socket still refuses the outsider: its credentials.
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let (code, out) = as_user(
-        &binary,
-        &accounts.outsider,
-        group,
-        &["dead", "list", "--url", &admin_url],
-    )
-    .await;
+    let (code, out) = outsider_lists().await;
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("403") && out.contains(&format!("member of {group}")),

@@ -157,6 +157,23 @@ impl Upstream {
         (upstream, switch)
     }
 
+    /// A stand-in that refuses (400) any batch holding a call of user `poison` until the
+    /// returned switch is turned on ("forgiving"), and takes everything else: dead letters
+    /// for the admin tests to manage.
+    pub async fn refusing_poison() -> (Upstream, Arc<AtomicBool>) {
+        let forgiving = Arc::new(AtomicBool::new(false));
+        let accept_all = forgiving.clone();
+        let upstream = Upstream::start(move |request| {
+            let poisoned = request.calls().iter().any(|c| c["userId"] == "poison");
+            match poisoned && !accept_all.load(Ordering::SeqCst) {
+                true => Reply::Status(400),
+                false => Reply::Status(200),
+            }
+        })
+        .await;
+        (upstream, forgiving)
+    }
+
     /// Like [`Upstream::switched`], but refusing for good (400) any batch that holds a call
     /// whose messageId starts with `bad-`, whatever the switch.
     pub async fn switched_refusing_bad(on: bool) -> (Upstream, Arc<AtomicBool>) {
