@@ -32,9 +32,8 @@ const MAX_SELECTION_BYTES: usize = 1 << 20;
 /// Which listener a request came in on; set by the server.
 #[derive(Debug, Clone, Copy)]
 pub enum Channel {
-    /// A listener for calls: TCP (from this host or, with `--allow-remote`, beyond) or the
-    /// calls' Unix socket.
-    Calls { local: bool },
+    /// A listener for calls: TCP or the calls' Unix socket.
+    Calls,
     /// The admin socket; `operator`: the peer's credentials admit it.
     Admin { operator: bool },
 }

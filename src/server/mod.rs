@@ -97,17 +97,14 @@ async fn serve(listener: Listener, shared: Arc<Shared>, mut shutdown: Shutdown) 
         match accepted {
             Ok(Stream::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                let local = stream
-                    .peer_addr()
-                    .is_ok_and(|peer| peer.ip().to_canonical().is_loopback());
-                serve_connection(stream, Channel::Calls { local }, &shared, permit, &graceful);
+                serve_connection(stream, Channel::Calls, &shared, permit, &graceful);
             }
             Ok(Stream::Unix(stream)) => {
                 let channel = match &listener {
                     Listener::Admin(_, socket) => Channel::Admin {
                         operator: stream.peer_cred().is_ok_and(|peer| socket.admits(&peer)),
                     },
-                    _ => Channel::Calls { local: true },
+                    _ => Channel::Calls,
                 };
                 serve_connection(stream, channel, &shared, permit, &graceful)
             }
