@@ -151,9 +151,29 @@ async fn status_shows_upstream_backing_off() {
         .await;
     assert_eq!(response.status, 200);
     daemon.wait_for_log("retrying").await;
-    let admin = format!("unix:{}", dir.path().join("admin.sock").display());
-    let (code, out, err) = grouprelay(&["status", "--url", &admin]).await;
-    assert_eq!(code, 0, "{err}");
+    // No --url: the command finds the admin socket where `run` with the same settings (here
+    // the data dir, from its variable) puts it.
+    let found = tokio::task::spawn_blocking({
+        let data_dir = dir.path().to_owned();
+        move || {
+            // An empty config file: this host's /etc/grouprelay must not matter here.
+            let config = data_dir.join("empty.toml");
+            std::fs::write(&config, "").unwrap();
+            std::process::Command::new(common::BIN)
+                .arg("status")
+                .env("GROUPRELAY_DATA_DIR", &data_dir)
+                .env("GROUPRELAY_CONFIG", &config)
+                .env_remove("GROUPRELAY_URL")
+                .env_remove("RUNTIME_DIRECTORY")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&found.stdout).into_owned();
+    let err = String::from_utf8_lossy(&found.stderr);
+    assert!(found.status.success(), "{out}{err}");
     assert!(out.contains("queue: 1 call ("), "{out}");
     assert!(out.contains("upstream: backing off until"), "{out}");
     assert!(out.contains("503"), "{out}");
