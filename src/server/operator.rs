@@ -78,7 +78,7 @@ pub fn who_may_use(path: &Path) -> Option<String> {
 /// The name of the group `gid`.
 fn group_name(gid: u32) -> Option<String> {
     let mut group: libc::group = unsafe { std::mem::zeroed() };
-    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut buffer = vec![0 as libc::c_char; GROUP_BUFFER];
     let mut found: *mut libc::group = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call; the buffer's length is passed.
     let rc = unsafe {
@@ -115,6 +115,10 @@ pub fn parse_admin_listen(text: &str) -> Result<PathBuf, String> {
     }
 }
 
+/// Room for one group or user entry from the system's databases (a group with many members
+/// takes more than the 1 KiB `sysconf` usually suggests).
+const GROUP_BUFFER: usize = 256 * 1024;
+
 /// A group by name.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -127,7 +131,7 @@ impl Group {
     pub fn named(name: &str) -> Result<Group, String> {
         let c_name = CString::new(name).map_err(|_| format!("{name:?} is not a group name"))?;
         let mut group: libc::group = unsafe { std::mem::zeroed() };
-        let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+        let mut buffer = vec![0 as libc::c_char; GROUP_BUFFER];
         let mut found: *mut libc::group = std::ptr::null_mut();
         // SAFETY: every pointer is valid for the call; the buffer's length is passed.
         let rc = unsafe {
@@ -139,7 +143,11 @@ impl Group {
                 &mut found,
             )
         };
-        if rc != 0 || found.is_null() {
+        if rc != 0 {
+            let error = io::Error::from_raw_os_error(rc);
+            return Err(format!("cannot look up the group {name:?}: {error}"));
+        }
+        if found.is_null() {
             return Err(format!("no group named {name:?} on this host"));
         }
         Ok(Group {
@@ -195,7 +203,7 @@ impl AdminSocket {
 /// The groups of the user `uid` (whose primary group is `gid`), from the group database.
 fn user_groups(uid: u32, gid: u32) -> Vec<u32> {
     let mut passwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut buffer = vec![0 as libc::c_char; GROUP_BUFFER];
     let mut found: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call; the buffer's length is passed.
     let rc = unsafe {
