@@ -89,6 +89,7 @@ pub use options::{
     Durability, QueueOptions, DEFAULT_REBUILD_ABOVE_BYTES, REBUILD_GARBAGE_FACTOR,
     REBUILD_MAX_COPY_BYTES,
 };
+pub use rebuild::Rebuilt;
 use record::rejected_record;
 pub use record::{CallRecord, DeadCause, DeadReason, DeadRecord, DecodeError, RejectedRecord};
 use space::FreeSpace;
