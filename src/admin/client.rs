@@ -39,13 +39,28 @@ impl Target {
     }
 }
 
+/// Why a request got no answer.
+#[derive(Debug)]
+pub enum RequestError {
+    /// The socket's permissions keep this user out.
+    Denied(String),
+    /// Anything else: nothing listens, the exchange broke, no answer in time.
+    Failed(String),
+}
+
+impl From<String> for RequestError {
+    fn from(message: String) -> RequestError {
+        RequestError::Failed(message)
+    }
+}
+
 /// Sends one request (a JSON body, if any) and returns the status and the answer's bytes.
 pub async fn request(
     target: &Target,
     method: Method,
     path: &str,
     body: Option<Bytes>,
-) -> Result<(u16, Bytes), String> {
+) -> Result<(u16, Bytes), RequestError> {
     let exchange = async {
         let host = match target {
             Target::Tcp(authority) => authority.clone(),
@@ -66,17 +81,21 @@ pub async fn request(
                 send(stream, request).await?
             }
             Target::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                    let message = format!("cannot connect to {}: {e}", path.display());
+                    match e.kind() {
+                        std::io::ErrorKind::PermissionDenied => RequestError::Denied(message),
+                        _ => RequestError::Failed(message),
+                    }
+                })?;
                 send(stream, request).await?
             }
         };
-        Ok::<_, String>(response)
+        Ok::<_, RequestError>(response)
     };
     tokio::time::timeout(TIMEOUT, exchange)
         .await
-        .map_err(|_| format!("no answer within {} s", TIMEOUT.as_secs()))?
+        .map_err(|_| RequestError::Failed(format!("no answer within {} s", TIMEOUT.as_secs())))?
 }
 
 async fn send<S>(stream: S, request: Request<Full<Bytes>>) -> Result<(u16, Bytes), String>

@@ -21,7 +21,7 @@ use crate::http::routes::DeadAction;
 use crate::human::{bytes, count};
 use crate::server::operator;
 use crate::status::Status;
-use client::Target;
+use client::{RequestError, Target};
 
 /// Exit status for a bad argument.
 const EXIT_USAGE: u8 = 2;
@@ -276,9 +276,9 @@ fn ask<T: DeserializeOwned>(
             &path,
             body.map(Bytes::from),
         ))
-        .map_err(|e| match e.contains("Permission denied") {
-            true => Failure::Denied(format!("{e}; {}", daemon.who_may)),
-            false => Failure::Unreachable(e),
+        .map_err(|e| match e {
+            RequestError::Denied(e) => Failure::Denied(format!("{e}; {}", daemon.who_may)),
+            RequestError::Failed(e) => Failure::Unreachable(e),
         })?;
     let not_ours = |e: serde_json::Error| {
         Failure::Answer(format!(

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::QueueError;
-use super::layout::{db_path, files_bytes, CLEAN_CLOSE_KEY, DB_DIR, ID_BASE_KEY, META_TREE};
+use super::layout::{db_path, files_bytes, CLEAN_CLOSE_KEY, ID_BASE_KEY, META_TREE};
 use super::open::open_database;
 use super::options::QueueOptions;
 use super::{Inner, Queue};
@@ -189,7 +189,6 @@ struct Paths {
 
 impl Paths {
     fn of(data_dir: &Path) -> Paths {
-        debug_assert_eq!(db_path(data_dir), data_dir.join(DB_DIR));
         Paths {
             db: db_path(data_dir),
             next: data_dir.join(NEXT_DIR),

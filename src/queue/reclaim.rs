@@ -57,12 +57,16 @@ pub(super) fn start(queue: &Queue) -> Option<JoinHandle<()>> {
 /// The files' bytes, if a rebuild is worth it now.
 fn worth_rebuilding(queue: &Queue, above: u64, left: u64) -> Option<u64> {
     let files = files_bytes(&db_path(&queue.shared.options.data_dir));
-    let stored = queue.stored_bytes();
-    let worth = files > above
+    worth(files, queue.stored_bytes(), above, left).then_some(files)
+}
+
+/// The rule (see the module's notes): files of `files` bytes storing `stored`, past `above`,
+/// with `left` bytes of files after the last rebuild.
+fn worth(files: u64, stored: u64, above: u64, left: u64) -> bool {
+    files > above
         && files > stored.saturating_mul(REBUILD_GARBAGE_FACTOR)
         && files > left.saturating_mul(2)
-        && stored <= REBUILD_MAX_COPY_BYTES;
-    worth.then_some(files)
+        && stored <= REBUILD_MAX_COPY_BYTES
 }
 
 /// Rebuilds and logs what it gave back; the files it left, if it succeeded.
@@ -85,5 +89,26 @@ async fn rebuild(queue: &Queue) -> Option<u64> {
             tracing::warn!(error = %e, "the queue could not be rebuilt; its disk space was not given back");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1 << 20;
+
+    #[test]
+    fn a_rebuild_is_worth_it_only_when_most_of_large_files_is_free_space() {
+        // After a backlog: 1 GB of files for a few KB stored.
+        assert!(worth(1024 * MB, 4096, 64 * MB, 0));
+        // Under the threshold, or files mostly holding what they store: no.
+        assert!(!worth(60 * MB, 0, 64 * MB, 0));
+        assert!(!worth(200 * MB, 60 * MB, 64 * MB, 0));
+        // More stored than a rebuild may copy: wait for delivery.
+        assert!(!worth(1024 * MB, REBUILD_MAX_COPY_BYTES + 1, 64 * MB, 0));
+        // Not yet twice what the last rebuild left.
+        assert!(!worth(70 * MB, 0, 64 * MB, 40 * MB));
+        assert!(worth(81 * MB, 0, 64 * MB, 40 * MB));
     }
 }
