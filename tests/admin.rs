@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+
 use std::sync::atomic::Ordering;
 
 use common::{group, post, run_output, Daemon, Reply, Upstream};
@@ -151,6 +153,12 @@ async fn status_shows_upstream_backing_off() {
         .await;
     assert_eq!(response.status, 200);
     daemon.wait_for_log("retrying").await;
+    // Without --admin-group, the admin socket is its owner's alone.
+    let mode = std::fs::metadata(daemon.admin_socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
     // No --url: the command finds the admin socket where `run` with the same settings (here
     // the data dir, from its variable) puts it.
     let found = tokio::task::spawn_blocking({
