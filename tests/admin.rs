@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-
 use std::sync::atomic::Ordering;
 
 use common::{group, post, run_output, Daemon, Reply, Upstream};
