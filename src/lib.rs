@@ -14,6 +14,7 @@
 //! | [`status`] | the daemon's numbers (queue, deliveries, dead letters, upstream), read once for every view |
 //! | [`admin`] | the admin commands (`grouprelay status`, `grouprelay dead ...`) and their client |
 //! | [`shutdown`] | the signal every task listens to |
+//! | [`memory`] | the allocator's tunables: a small footprint, or less CPU per call for more RSS (`--memory-profile`) |
 //! | [`metrics`] | the counters and histograms `GET /metrics` serves |
 //! | [`notify`] | systemd's `Type=notify` protocol: ready, status, watchdog, stopping |
 //! | [`clock`] | timestamps as Segment writes them |
@@ -46,6 +47,7 @@ pub mod failpoint;
 pub mod forward;
 pub mod http;
 pub mod human;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod queue;

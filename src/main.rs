@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    limit_malloc_arenas();
+    grouprelay::memory::tune_allocator(config.memory_profile);
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -120,17 +120,6 @@ async fn run(config: Config, inherited: Vec<Inherited>) -> Result<(), DaemonErro
         }
     });
     daemon::run(config, inherited, shutdown).await
-}
-
-/// glibc gives each thread that allocates its own arena, and memory freed in one is rarely
-/// returned: reading a large backlog through sled's threads and tokio's workers would grow
-/// RSS far past what is live. Two arenas keep it flat.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator tunable; called before any other thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
 }
 
 /// Each client connection is a file descriptor, and the usual soft limit of 1,024 would cap

@@ -43,10 +43,32 @@ fn seq(message_id: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_upstream_gets_every_call_once_in_order_per_write_key() {
+    every_call_once_in_order("lean").await;
+}
+
+/// The same with the allocator keeping large blocks (`--memory-profile throughput`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_throughput_memory_profile_delivers_alike() {
+    every_call_once_in_order("throughput").await;
+}
+
+/// 600 calls under two writeKeys, delivered once each, in order per key, then removed.
+async fn every_call_once_in_order(memory_profile: &str) {
     let upstream = Upstream::start(|_| Reply::Status(200)).await;
     let url = upstream.url();
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), &fast(&url, &["--max-batch-events", "40"]));
+    let daemon = Daemon::start(
+        dir.path(),
+        &fast(
+            &url,
+            &[
+                "--max-batch-events",
+                "40",
+                "--memory-profile",
+                memory_profile,
+            ],
+        ),
+    );
     for round in 0..10 {
         for (key, tag) in [("KEY_A", "A"), ("KEY_B", "B")] {
             let response = daemon

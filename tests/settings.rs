@@ -100,3 +100,54 @@ fn the_readme_table_shows_each_default() {
         );
     }
 }
+
+/// `--memory-profile` takes `lean` or `throughput`, from a flag, a `GROUPRELAY_*` variable or
+/// the file; anything else is a configuration error (exit 2) that names both choices.
+#[test]
+fn memory_profile_is_lean_or_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let validate = |args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_grouprelay"))
+            .arg("validate")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(args)
+            .env_remove("GROUPRELAY_MEMORY_PROFILE")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        validate(&["--memory-profile", "throughput"], &[]).0,
+        Some(0)
+    );
+    assert_eq!(validate(&["--memory-profile", "lean"], &[]).0, Some(0));
+    assert_eq!(
+        validate(&[], &[("GROUPRELAY_MEMORY_PROFILE", "throughput")]).0,
+        Some(0)
+    );
+    let file = dir.path().join("grouprelay.toml");
+    std::fs::write(&file, "memory-profile = \"throughput\"\n").unwrap();
+    assert_eq!(
+        validate(&["--config", file.to_str().unwrap()], &[]).0,
+        Some(0)
+    );
+
+    let (code, stderr) = validate(&["--memory-profile", "fast"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--memory-profile") && stderr.contains("\"lean\" or \"throughput\""),
+        "{stderr}"
+    );
+    std::fs::write(&file, "memory-profile = \"fast\"\n").unwrap();
+    let (code, stderr) = validate(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("grouprelay.toml") && stderr.contains("`lean` or `throughput`"),
+        "{stderr}"
+    );
+}

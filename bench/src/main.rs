@@ -55,10 +55,15 @@ struct Cli {
     /// Durability modes for ingest
     #[arg(long, value_delimiter = ',', default_value = "fsync,interval")]
     modes: Vec<String>,
-    /// Servers to measure against the baseline: grouprelay and floor (the stack's floor:
+    /// Servers to measure against the baseline: grouprelay (`--memory-profile lean`),
+    /// grouprelay-throughput (`--memory-profile throughput`) and floor (the stack's floor:
     /// hyper, parse, a sled insert, group commit, nothing else) in each mode; parse (hyper
     /// and the parse alone, storing nothing) once
-    #[arg(long, value_delimiter = ',', default_value = "parse,floor,grouprelay")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "parse,floor,grouprelay,grouprelay-throughput"
+    )]
     servers: Vec<String>,
     /// Transports for ingest: tcp, unix
     #[arg(long, value_delimiter = ',', default_value = "tcp,unix")]
@@ -131,6 +136,8 @@ struct IngestRow {
     rss_mb: f64,
     /// The server's CPU time (user + system, all threads) per request, in microseconds.
     cpu_us_per_request: f64,
+    /// KB the server wrote to storage per request: what its durability costs the disk.
+    written_kb_per_request: f64,
 }
 
 #[derive(Serialize)]
@@ -298,6 +305,7 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                 let base = load::run(target, *shape, conns, warmup, duration).await;
                 let cpu = baseline.cpu_seconds() - cpu_before;
                 let base_rps = base.requests_per_sec();
+                let base_requests = base_rps * (warmup + duration).as_secs_f64();
                 rows.push(row(
                     "baseline",
                     transport,
@@ -307,8 +315,8 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                     base_rps,
                     Usage {
                         rss: baseline.rss().0,
-                        cpu_seconds_per_request: cpu
-                            / (base_rps * (warmup + duration).as_secs_f64()),
+                        cpu_seconds_per_request: cpu / base_requests,
+                        written_bytes_per_request: 0.0,
                     },
                 ));
                 baseline.stop();
@@ -318,14 +326,24 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                         shape.name()
                     ));
                     let (server, name) = match kind.as_str() {
-                        "grouprelay" => (
+                        "grouprelay" | "grouprelay-throughput" => (
                             servers::start_grouprelay(
                                 placement,
                                 &data,
                                 &sink.url(),
-                                &["--durability", mode, "--max-queue-bytes", "20000000000"],
+                                &[
+                                    "--durability",
+                                    mode,
+                                    "--max-queue-bytes",
+                                    "20000000000",
+                                    "--memory-profile",
+                                    memory_profile(kind),
+                                ],
                             ),
-                            format!("grouprelay {mode}"),
+                            match kind.as_str() {
+                                "grouprelay" => format!("grouprelay {mode}"),
+                                _ => format!("grouprelay {mode} throughput"),
+                            },
                         ),
                         "floor" | "parse" => (
                             servers::start_floor(placement, mode, &data),
@@ -338,6 +356,7 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                         other => panic!("unknown server {other}"),
                     };
                     let cpu_before = server.cpu_seconds();
+                    let written_before = server.written_bytes();
                     let result = load::run(
                         target_of(transport, &server),
                         *shape,
@@ -348,7 +367,9 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                     .await;
                     let rss = server.rss().0;
                     let cpu = server.cpu_seconds() - cpu_before;
+                    let written = server.written_bytes() - written_before;
                     let rps = result.requests_per_sec();
+                    let requests = rps * (warmup + duration).as_secs_f64();
                     rows.push(row(
                         &name,
                         transport,
@@ -358,8 +379,8 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                         base_rps,
                         Usage {
                             rss,
-                            cpu_seconds_per_request: cpu
-                                / (rps * (warmup + duration).as_secs_f64()),
+                            cpu_seconds_per_request: cpu / requests,
+                            written_bytes_per_request: written as f64 / requests,
                         },
                     ));
                     server.stop();
@@ -370,6 +391,14 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
         }
     }
     rows
+}
+
+/// The `--memory-profile` a grouprelay server kind runs with.
+fn memory_profile(kind: &str) -> &'static str {
+    match kind {
+        "grouprelay-throughput" => "throughput",
+        _ => "lean",
+    }
 }
 
 /// The (server, mode) pairs to measure after each baseline: `parse` once, the others in each
@@ -399,6 +428,8 @@ fn target_of(transport: &str, server: &servers::Server) -> Target {
 struct Usage {
     rss: u64,
     cpu_seconds_per_request: f64,
+    /// Bytes the server wrote to storage per request (the baseline writes none).
+    written_bytes_per_request: f64,
 }
 
 fn row(
@@ -424,6 +455,7 @@ fn row(
         ratio: r.requests_per_sec() / base_rps,
         rss_mb: mb(usage.rss),
         cpu_us_per_request: usage.cpu_seconds_per_request * 1e6,
+        written_kb_per_request: usage.written_bytes_per_request / 1e3,
     }
 }
 
@@ -692,13 +724,13 @@ fn print_report(report: &Report) {
     if !report.ingest.is_empty() {
         println!();
         println!(
-            "| server | transport | shape | conns | req/s | calls/s | p50 ms | p99 ms | p99.9 ms | x baseline | errors | RSS MB | server CPU µs/req |"
+            "| server | transport | shape | conns | req/s | calls/s | p50 ms | p99 ms | p99.9 ms | x baseline | errors | RSS MB | server CPU µs/req | KB written/req |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &report.ingest {
             println!(
-                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {:.1} |",
-                r.server, r.transport, r.shape, r.conns, r.requests_per_sec, r.calls_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.ratio, r.errors, r.rss_mb, r.cpu_us_per_request
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.1} |",
+                r.server, r.transport, r.shape, r.conns, r.requests_per_sec, r.calls_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.ratio, r.errors, r.rss_mb, r.cpu_us_per_request, r.written_kb_per_request
             );
         }
     }

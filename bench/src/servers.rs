@@ -80,6 +80,17 @@ impl Server {
             .sum()
     }
 
+    /// Bytes the server has caused to be written to storage so far (`write_bytes` of
+    /// `/proc/PID/io`: counted as it dirties the page cache, so sockets are not in it).
+    pub fn written_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/io", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// CPU time (user + system) the server has used so far, in seconds.
     pub fn cpu_seconds(&self) -> f64 {
         let stat =

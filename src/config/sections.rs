@@ -4,6 +4,7 @@
 use crate::forward::upstream::UpstreamSettings;
 use crate::forward::ForwardSettings;
 use crate::http::ingest::IngestSettings;
+use crate::memory::MemoryProfile;
 use crate::queue::QueueOptions;
 use crate::server::operator::AdminSettings;
 use crate::server::{ListenAddr, ServerSettings, DEFAULT_LISTEN};
@@ -34,6 +35,8 @@ pub struct Config {
     /// Batching, retries, expiry and the drain.
     pub forward: ForwardSettings,
     pub log_format: LogFormat,
+    /// How the allocator trades resident memory for CPU.
+    pub memory_profile: MemoryProfile,
 }
 
 impl Default for Config {
@@ -51,6 +54,7 @@ impl Default for Config {
             upstream: UpstreamSettings::default(),
             forward: ForwardSettings::default(),
             log_format: LogFormat::default(),
+            memory_profile: MemoryProfile::default(),
         }
     }
 }
