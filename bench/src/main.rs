@@ -340,9 +340,9 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                                     memory_profile(kind),
                                 ],
                             ),
-                            match kind.as_str() {
-                                "grouprelay" => format!("grouprelay {mode}"),
-                                _ => format!("grouprelay {mode} throughput"),
+                            match memory_profile(kind) {
+                                "lean" => format!("grouprelay {mode}"),
+                                profile => format!("grouprelay {mode} {profile}"),
                             },
                         ),
                         "floor" | "parse" => (
