@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{batch, post, stopped_queue, Books, Daemon, Group, Rng, Upstream};
+use common::{batch, post, stopped_queue, Books, Daemon, Group, HangGuard, Rng, Upstream};
 use powercut::{PowerCut, Variation};
 use tokio::time::Instant;
 
@@ -40,6 +40,10 @@ const BIG_BATCH: usize = 4;
 const BIG_TRAIT: usize = 28_000;
 /// How long the drain after the reboot may take to deliver everything.
 const DRAIN_MS: &str = "60000";
+/// How long one cut may take before it counts as a hang (one takes seconds; its longest
+/// legitimate waits, 60 s each, add up to less). Past it, the cut's processes are described
+/// and killed, and the test fails with that diagnosis rather than holding CI.
+const CUT_LIMIT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
@@ -250,21 +254,20 @@ async fn stop_daemon(daemon: Daemon) {
         .expect("kill");
 }
 
-/// One cut: run the scenario on a fresh power-cut filesystem, cut, reboot on the image, and
-/// see what came back.
-async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str) -> Outcome {
+/// One cut in `work`, an empty directory: run the scenario on a fresh power-cut filesystem,
+/// cut, reboot on the image, and see what came back.
+async fn run_cut(scenario: Scenario, mode: Mode, seed: u64, label: &str, work: &Path) -> Outcome {
     let mut rng = Rng(seed);
-    let work = tempfile::tempdir().unwrap();
     let (backing, mountpoint, image, remount) = (
-        work.path().join("backing"),
-        work.path().join("mnt"),
-        work.path().join("image"),
-        work.path().join("mnt-after"),
+        work.join("backing"),
+        work.join("mnt"),
+        work.join("image"),
+        work.join("mnt-after"),
     );
     for dir in [&backing, &mountpoint, &remount] {
         std::fs::create_dir(dir).unwrap();
     }
-    let unix = work.path().join("grouprelay.sock");
+    let unix = work.join("grouprelay.sock");
 
     // The stand-in upstream: up or down (switched up for the reboot); in the dead-letter
     // scenario it refuses, for good, any batch holding a `bad-` call.
@@ -655,7 +658,14 @@ async fn cuts(scenario: Scenario, mode: Mode, base: u64, cuts: u64) -> Vec<Outco
     for cut in 0..cuts {
         let seed = Rng(base ^ (scenario as u64) << 56 ^ cut).next();
         let label = format!("{scenario:?}-{cut}");
-        let outcome = run_cut(scenario, mode, seed, &label).await;
+        let work = tempfile::tempdir().unwrap();
+        let hang = HangGuard::arm(
+            &format!("{label} (replay with GROUPRELAY_TEST_SEED={base})"),
+            work.path(),
+            CUT_LIMIT,
+        );
+        let outcome = run_cut(scenario, mode, seed, &label, work.path()).await;
+        drop(hang);
         eprintln!(
             "  {}: {} acknowledged, {} lost{}",
             outcome.label,
@@ -788,4 +798,27 @@ async fn a_rebuild_without_its_syncs_loses_calls_to_a_power_cut() {
         ..FSYNC
     };
     must_lose(Scenario::Rebuild, mode, "a rebuild without its syncs").await;
+}
+
+/// The harness cannot hold CI: a cut whose process hangs is described and killed once past
+/// its limit (here a stand-in that would never end, and a limit of a second).
+#[test]
+fn a_hung_cut_is_described_and_ended() {
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("log");
+    std::fs::write(&log, "").unwrap();
+    let guard = HangGuard::arm("hung-cut", work.path(), Duration::from_secs(1));
+    let mut hung = std::process::Command::new("tail")
+        .arg("-f")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = hung.wait().unwrap();
+    drop(guard);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the hung process ended otherwise: {status}"
+    );
 }

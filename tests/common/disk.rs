@@ -68,9 +68,9 @@ async fn past_the_lock<T, E: Display>(mut open: impl FnMut() -> Result<T, E>) ->
     loop {
         match open() {
             Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    || e.to_string().contains("another grouprelay is using")
-                        && Instant::now() < deadline =>
+                if (e.to_string().contains("could not acquire lock")
+                    || e.to_string().contains("another grouprelay is using"))
+                    && Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

@@ -1,6 +1,7 @@
 //! Test helpers, one file a concept, all re-exported here for `common::…`: the real daemon,
 //! a raw HTTP client, a stand-in upstream, the calls tests send, writers loading a daemon
-//! until it is killed, the queue on disk and its books, `/proc`, seeds, a forward proxy and a test CA.
+//! until it is killed, the queue on disk and its books, `/proc`, seeds, a forward proxy, a
+//! test CA, and a bound on steps that must not hang.
 // Each test binary compiles these helpers anew and uses only some of them: what one binary
 // leaves unused is not dead, and its re-export not unused.
 #![allow(dead_code)]
@@ -9,6 +10,7 @@ mod books;
 mod calls;
 mod daemon;
 mod disk;
+mod hang;
 mod http;
 mod log;
 mod proc;
@@ -26,6 +28,8 @@ pub use calls::{batch, call, group, message_ids, numbered, Group};
 pub use daemon::{run_output, run_to_exit, Daemon, BIN};
 #[allow(unused_imports)]
 pub use disk::{on_disk, open_again, sled_open_again, stopped_queue, OnDisk};
+#[allow(unused_imports)]
+pub use hang::HangGuard;
 #[allow(unused_imports)]
 pub use http::{
     basic_auth, basic_credentials, exchange, get, header, post, request, send_tcp, send_unix,
