@@ -41,9 +41,12 @@ pub async fn on_disk(data_dir: &Path) -> OnDisk {
 }
 
 /// Opens the queue of a daemon that is no longer running, reads it with `read`, and closes
-/// it again.
+/// it again. Tests call it several times in a row, so the open waits out the lock a close in
+/// this process a moment ago may still hold (see [`open_again`]).
 pub async fn stopped_queue<T>(data_dir: &Path, read: impl FnOnce(&Queue) -> T) -> T {
-    let queue = Queue::open(QueueOptions::new(data_dir)).expect("open queue");
+    let queue = open_again(QueueOptions::new(data_dir))
+        .await
+        .expect("open queue");
     let out = read(&queue);
     queue.close().await.expect("close queue");
     out
