@@ -808,13 +808,24 @@ fn a_hung_cut_is_described_and_ended() {
     let log = work.path().join("log");
     std::fs::write(&log, "").unwrap();
     let guard = HangGuard::arm("hung-cut", work.path(), Duration::from_secs(1));
-    let mut hung = std::process::Command::new("tail")
+    let hung = std::process::Command::new("tail")
         .arg("-f")
         .arg(&log)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let status = hung.wait().unwrap();
+    // Bounded, so that a guard that never fires fails the test instead of hanging it.
+    let pid = hung.id() as i32;
+    let (ended, end) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut hung = hung;
+        let _ = ended.send(hung.wait().unwrap());
+    });
+    let Ok(status) = end.recv_timeout(Duration::from_secs(60)) else {
+        // SAFETY: kill only sends a signal.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("the guard did not end the hung process within 60 s");
+    };
     drop(guard);
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),

@@ -9,6 +9,8 @@ use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::proc::stat_fields;
+
 /// After the step's processes are killed, how long the step may take to notice before the
 /// whole test process is aborted (a hang inside the test process itself).
 const AFTER_KILL: Duration = Duration::from_secs(60);
@@ -104,9 +106,7 @@ fn processes_naming(scope: &Path) -> Vec<i32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             let dir = PathBuf::from(format!("/proc/{pid}"));
-            let parent = std::fs::read_to_string(dir.join("stat"))
-                .ok()
-                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_owned()));
+            let parent = stat_fields(&dir.join("stat")).into_iter().nth(1);
             let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
             parent.as_deref() == Some(me.as_str())
                 && cmdline.windows(scope.len()).any(|w| w == scope)
@@ -126,11 +126,10 @@ fn describe(pid: i32) -> String {
         .unwrap_or_default();
     tasks.sort();
     for task in tasks {
-        let stat = read(task.join("stat"));
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .unwrap_or("?");
+        let state = stat_fields(&task.join("stat"))
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| "?".to_owned());
         out.push_str(&format!(
             "  thread {} {:?} state {state} wchan {}\n",
             task.file_name().unwrap_or_default().to_string_lossy(),

@@ -22,3 +22,16 @@ pub fn rss(pid: i32) -> u64 {
 pub fn peak_rss(pid: i32) -> u64 {
     status_bytes(pid, "VmHWM")
 }
+
+/// The fields of a `/proc/PID/stat` or `/proc/PID/task/TID/stat` file after the command
+/// name (which may hold spaces and parentheses): the state first, then the parent's pid, ...
+/// Empty if the process is gone.
+pub fn stat_fields(stat: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(stat)
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            Some(rest.split_whitespace().map(str::to_owned).collect())
+        })
+        .unwrap_or_default()
+}
