@@ -207,8 +207,13 @@ pub fn start_grouprelay(
             said.join("\n")
         )
     };
-    // Keep draining stderr so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep draining stderr so the daemon never blocks on a full pipe, and pass on what it
+    // says (warnings, a panic): a daemon that died mid-run shows why.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("grouprelay: {line}");
+        }
+    });
     Server { child, tcp, unix }
 }
 

@@ -13,6 +13,10 @@ pub struct Node {
     pub(crate) data: Data,
 }
 
+/// grouprelay: keys the right side of a split rightmost leaf keeps; one more than the size
+/// below which `should_merge` merges a leaf.
+const RIGHTMOST_SPLIT_KEEPS: usize = 4;
+
 impl Node {
     pub(crate) fn new_hoisted_root(
         left: PageId,
@@ -174,7 +178,21 @@ impl Node {
         where
             T: Clone + Ord,
         {
-            let split_point = keys.len() / 2 + 1;
+            // grouprelay: the rightmost leaf (no `hi` bound) splits near its end, not in
+            // the middle. Keys that only grow (a queue's) all land in that leaf, so a middle
+            // split leaves a half-full leaf behind that is never added to again, and the
+            // next split comes after half a leaf of inserts; splitting near the end leaves
+            // full leaves and splits half as often (each split rewrites both halves). The
+            // right side keeps `RIGHTMOST_SPLIT_KEEPS` keys: with fewer, `should_merge`
+            // would merge it straight back.
+            let split_point = if suffix_truncation
+                && old_hi.is_empty()
+                && keys.len() >= 2 * RIGHTMOST_SPLIT_KEEPS
+            {
+                keys.len() - RIGHTMOST_SPLIT_KEEPS
+            } else {
+                keys.len() / 2 + 1
+            };
             let right_keys = keys.split_off(split_point);
             let right_values = values.split_off(split_point);
             let right_min = &right_keys[0];
