@@ -13,8 +13,8 @@ pub struct Node {
     pub(crate) data: Data,
 }
 
-/// grouprelay: keys the right side of a split rightmost leaf keeps; one more than the size
-/// below which `should_merge` merges a leaf.
+/// grouprelay: keys the right side of a split rightmost leaf keeps: the fewest that
+/// `should_merge` leaves alone (it merges a leaf of under 4).
 const RIGHTMOST_SPLIT_KEEPS: usize = 4;
 
 impl Node {
@@ -182,9 +182,9 @@ impl Node {
             // the middle. Keys that only grow (a queue's) all land in that leaf, so a middle
             // split leaves a half-full leaf behind that is never added to again, and the
             // next split comes after half a leaf of inserts; splitting near the end leaves
-            // full leaves and splits half as often (each split rewrites both halves). The
-            // right side keeps `RIGHTMOST_SPLIT_KEEPS` keys: with fewer, `should_merge`
-            // would merge it straight back.
+            // full leaves and splits after 13 inserts instead of 8 (each split rewrites both
+            // halves). The right side keeps `RIGHTMOST_SPLIT_KEEPS` keys: with fewer,
+            // `should_merge` would merge it straight back, and the two would loop.
             let split_point = if suffix_truncation
                 && old_hi.is_empty()
                 && keys.len() >= 2 * RIGHTMOST_SPLIT_KEEPS
