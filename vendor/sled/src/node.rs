@@ -13,9 +13,12 @@ pub struct Node {
     pub(crate) data: Data,
 }
 
+/// A leaf with fewer keys than this is merged into its left sibling (`should_merge`).
+const LEAF_MERGE_BELOW: usize = 4;
+
 /// grouprelay: keys the right side of a split rightmost leaf keeps: the fewest that
-/// `should_merge` leaves alone (it merges a leaf of under 4).
-const RIGHTMOST_SPLIT_KEEPS: usize = 4;
+/// `should_merge` leaves alone, so that the split is not merged straight back.
+const RIGHTMOST_SPLIT_KEEPS: usize = LEAF_MERGE_BELOW;
 
 impl Node {
     pub(crate) fn new_hoisted_root(
@@ -635,7 +638,7 @@ impl Node {
         } else if self.data.is_index() {
             64
         } else {
-            4
+            LEAF_MERGE_BELOW
         };
 
         let size_checks = self.data.len() < threshold;
