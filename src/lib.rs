@@ -10,7 +10,7 @@
 //! | [`http`] | the API: routes, the call path (writeKey, body limits, gzip, the queue, 200), `/health` `/ready` `/stats` `/metrics`, `/admin/` (on the admin socket only), JSON answers |
 //! | [`spec`] | the Segment call: parse, normalise, validate; error codes |
 //! | [`queue`] | the sled database: calls in chunks, appended together and made durable by group commit, read in order, settled (delivered or dead) with durable counters; free-space floor; rebuilt into a fresh copy to give disk back |
-//! | [`forward`] | lanes per writeKey, batches upstream (directly or through an egress proxy), retry with backoff, bisecting refusals; upstream health on a `watch` channel |
+//! | [`forward`] | on a thread of its own: lanes per writeKey, batches upstream (directly or through an egress proxy), retry with backoff, bisecting refusals; upstream health on a `watch` channel |
 //! | [`status`] | the daemon's numbers (queue, deliveries, dead letters, upstream), read once for every view |
 //! | [`admin`] | the admin commands (`grouprelay status`, `grouprelay dead ...`) and their client |
 //! | [`shutdown`] | the signal every task listens to |

@@ -77,7 +77,10 @@ pub async fn run(
     let forwarder = Forwarder::new(queue.clone(), upstream, config.forward);
     let upstream_health = forwarder.health();
     let (stop_forwarding, forwarding_shutdown) = shutdown::channel();
-    let forwarding = tokio::spawn(forwarder.run(forwarding_shutdown));
+    // On a thread of its own: its sled calls may wait on sled's locks, and must not hold up
+    // the workers that answer requests meanwhile.
+    let forwarding = forward::run_on_own_thread(forwarder, forwarding_shutdown)
+        .map_err(|e| DaemonError::Runtime(format!("cannot start the forwarder: {e}")))?;
     tracing::info!(
         upstream = %config.upstream.url,
         proxy = %upstream_proxy.as_deref().unwrap_or("none"),
@@ -104,8 +107,8 @@ pub async fn run(
     server::run(listeners, api, config.server, shutdown).await;
     tracing::info!("listeners stopped");
     stop_forwarding.fire();
-    if let Err(e) = forwarding.await {
-        tracing::error!(error = %e, "the forwarder failed");
+    if forwarding.await.is_err() {
+        tracing::error!("the forwarder failed");
     }
     queue
         .close()

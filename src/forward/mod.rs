@@ -1,7 +1,9 @@
 //! Forwarding: deliver queued calls upstream in batches per writeKey, with retry and backoff,
 //! and take them off the queue only once upstream has them.
 //!
-//! One task, the [`Forwarder`], owns the delivery state. It reads the queue in order into a
+//! One task, the [`Forwarder`], owns the delivery state, on a thread of its own
+//! ([`run_on_own_thread`]: its sled calls can wait on sled's locks, and must not hold up the
+//! workers that answer requests). It reads the queue in order into a
 //! *lane* per writeKey, sends a lane's head as a batch when the batch is full (by count or
 //! bytes) or its oldest call has waited `flush_interval`, and keeps at most one batch per
 //! lane in flight, so each writeKey's calls arrive in queue order. Up to `concurrency`
@@ -454,6 +456,30 @@ impl Forwarder {
                 .all(|l| l.buffered.is_empty() && l.skipped_from.is_none())
             && self.queue.read(self.cursor, 1).is_ok_and(|c| c.is_empty())
     }
+}
+
+/// Runs the forwarder on a thread of its own, under a single-threaded runtime. Its queue
+/// reads and settlements are synchronous sled calls, and sled makes them wait on its locks
+/// while a write holds them: on this thread they hold up only the forwarder, never the
+/// async workers that answer requests. The receiver resolves once the forwarder has stopped
+/// (with an error if it panicked).
+pub fn run_on_own_thread(
+    forwarder: Forwarder,
+    shutdown: Shutdown,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (stopped, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("forwarder".into())
+        .spawn(move || {
+            runtime.block_on(forwarder.run(shutdown));
+            // A gzip task still running after the settle deadline is not waited for.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            let _ = stopped.send(());
+        })?;
+    Ok(finished)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
