@@ -3,11 +3,11 @@
 //!
 //! One task, the [`Forwarder`], owns the delivery state, on a thread of its own
 //! ([`run_on_own_thread`]: its sled calls can wait on sled's locks, and must not hold up the
-//! workers that answer requests). It reads the queue in order into a
-//! *lane* per writeKey, sends a lane's head as a batch when the batch is full (by count or
-//! bytes) or its oldest call has waited `flush_interval`, and keeps at most one batch per
-//! lane in flight, so each writeKey's calls arrive in queue order. Up to `concurrency`
-//! batches are in flight across lanes.
+//! workers that answer requests). It reads the queue in order into a *lane* per writeKey,
+//! sends a lane's head as a batch when the batch is full (by count or bytes) or its oldest
+//! call has waited `flush_interval`, and keeps at most one batch per lane in flight, so each
+//! writeKey's calls arrive in queue order. Up to `concurrency` batches are in flight across
+//! lanes.
 //!
 //! - **2xx**: the batch's calls are removed from the queue in one atomic step.
 //! - **Retryable** (network error, timeout, 408, 410, 429, 460, 5xx but 501/505): the lane
