@@ -77,8 +77,6 @@ pub async fn run(
     let forwarder = Forwarder::new(queue.clone(), upstream, config.forward);
     let upstream_health = forwarder.health();
     let (stop_forwarding, forwarding_shutdown) = shutdown::channel();
-    // On a thread of its own: its sled calls may wait on sled's locks, and must not hold up
-    // the workers that answer requests meanwhile.
     let forwarding = forward::run_on_own_thread(forwarder, forwarding_shutdown)
         .map_err(|e| DaemonError::Runtime(format!("cannot start the forwarder: {e}")))?;
     tracing::info!(
@@ -107,8 +105,10 @@ pub async fn run(
     server::run(listeners, api, config.server, shutdown).await;
     tracing::info!("listeners stopped");
     stop_forwarding.fire();
-    if forwarding.await.is_err() {
-        tracing::error!("the forwarder failed");
+    match forwarding.await {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => tracing::error!(error = %panic, "the forwarder failed"),
+        Err(_) => tracing::error!("the forwarder failed"),
     }
     queue
         .close()

@@ -461,12 +461,12 @@ impl Forwarder {
 /// Runs the forwarder on a thread of its own, under a single-threaded runtime. Its queue
 /// reads and settlements are synchronous sled calls, and sled makes them wait on its locks
 /// while a write holds them: on this thread they hold up only the forwarder, never the
-/// async workers that answer requests. The receiver resolves once the forwarder has stopped
-/// (with an error if it panicked).
+/// async workers that answer requests. The receiver gets, once the forwarder has stopped,
+/// `Err` with the panic's message if it panicked.
 pub fn run_on_own_thread(
     forwarder: Forwarder,
     shutdown: Shutdown,
-) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+) -> std::io::Result<tokio::sync::oneshot::Receiver<Result<(), String>>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -474,12 +474,23 @@ pub fn run_on_own_thread(
     std::thread::Builder::new()
         .name("forwarder".into())
         .spawn(move || {
-            runtime.block_on(forwarder.run(shutdown));
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runtime.block_on(forwarder.run(shutdown))
+            }));
             // A gzip task still running after the settle deadline is not waited for.
             runtime.shutdown_timeout(Duration::from_secs(1));
-            let _ = stopped.send(());
+            let _ = stopped.send(ran.map_err(|panic| panic_message(&*panic)));
         })?;
     Ok(finished)
+}
+
+/// What a panic said, as `JoinError` shows it for a task.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_owned(),
+        (_, Some(message)) => message.clone(),
+        _ => "a panic without a message".to_owned(),
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -31,8 +31,8 @@ const N_SHARDS: usize = 256;
 /// shard kept at least one whole leaf. A shard also settles its accesses only once 64
 /// have queued for it: spread over 256 shards, the pages of a quiet shard waited for that
 /// long after the cache was full. Together the cache held far more than its capacity
-/// (under 64 connections of 100-call batches, 38 MB of queued chunks at the peak against
-/// a 16 MiB capacity). With a shard per MiB, a 16 MiB cache has 16 shards of 1 MiB.
+/// (figures in grouprelay's `vendor/README.md`). With a shard per MiB, a 16 MiB cache has
+/// 16 shards of 1 MiB.
 const MIN_SHARD_BYTES: u64 = 1 << 20;
 
 struct AccessBlock {
