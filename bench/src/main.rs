@@ -191,6 +191,8 @@ struct DrainRow {
     calls: u64,
     seconds: f64,
     calls_per_sec: f64,
+    /// The daemon's CPU (user and system, from start to the last call delivered) per call.
+    cpu_us_per_call: f64,
     peak_rss_mb: f64,
 }
 
@@ -533,6 +535,7 @@ async fn drain(placement: Placement, data: &std::path::Path, calls: u64) -> Drai
     let server = servers::start_grouprelay(placement, data, &sink.url(), &[]);
     let done = sink.wait_for(calls, Duration::from_secs(600)).await;
     let elapsed = started.elapsed();
+    let cpu = server.cpu_seconds();
     let peak = server.rss().1;
     server.stop();
     assert!(done, "drain did not finish in 600 s");
@@ -540,6 +543,7 @@ async fn drain(placement: Placement, data: &std::path::Path, calls: u64) -> Drai
         calls,
         seconds: elapsed.as_secs_f64(),
         calls_per_sec: calls as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_call: cpu * 1e6 / calls as f64,
         peak_rss_mb: mb(peak),
     }
 }
@@ -743,8 +747,8 @@ fn print_report(report: &Report) {
     }
     if let Some(d) = &report.drain {
         println!(
-            "drain: {} calls delivered to a local sink in {:.1} s: {:.0} calls/s (peak RSS {:.1} MB)",
-            d.calls, d.seconds, d.calls_per_sec, d.peak_rss_mb
+            "drain: {} calls delivered to a local sink in {:.1} s: {:.0} calls/s, {:.2} µs CPU a call (peak RSS {:.1} MB)",
+            d.calls, d.seconds, d.calls_per_sec, d.cpu_us_per_call, d.peak_rss_mb
         );
     }
     if !report.reclaim.is_empty() {

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use crate::queue::{Queue, QueuedCall};
+use crate::queue::{Queue, QueuedCall, Shown, Visit};
 use crate::shutdown::Shutdown;
 pub use connect::load_ca_file;
 use lane::Lane;
@@ -205,18 +205,25 @@ impl Forwarder {
             if self.only_skipping && self.cursor >= window_end {
                 return None;
             }
-            let calls = match self.queue.read(self.cursor, READ_CHUNK) {
-                Ok(calls) => calls,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the queue");
-                    return Some(ERROR_PAUSE);
+            let (mut shown, mut buffered_here) = (0, false);
+            let read = self.queue.visit(self.cursor, |call| {
+                self.cursor = call.id + 1;
+                shown += 1;
+                buffered_here |=
+                    buffer_shown(&mut self.lanes, &self.settings, self.lane_capacity, call);
+                if shown == READ_CHUNK {
+                    Visit::Stop
+                } else {
+                    Visit::Next
                 }
-            };
-            let full_read = calls.len() == READ_CHUNK;
-            let buffered_here = self.buffer_read(calls);
+            });
             self.only_skipping = !buffered_here;
             buffered_any |= buffered_here;
-            if !full_read {
+            if let Err(e) = read {
+                tracing::error!(error = %e, "cannot read the queue");
+                return Some(ERROR_PAUSE);
+            }
+            if shown < READ_CHUNK {
                 return None;
             }
         }
@@ -227,54 +234,41 @@ impl Forwarder {
         })
     }
 
-    /// Puts calls just read into their lanes, or marks them skipped where a lane is full
-    /// (or already skipping). Returns whether any call was buffered.
-    fn buffer_read(&mut self, calls: Vec<QueuedCall>) -> bool {
-        let mut buffered = false;
-        for call in calls {
-            self.cursor = call.id + 1;
-            let capacity = self.lane_capacity;
-            let lane = self
-                .lanes
-                .entry(call.record.write_key.clone())
-                .or_insert_with_key(|key| Lane::new(&self.settings, key));
-            if lane.skipped_from.is_none() && lane.occupancy() < capacity {
-                lane.push(call);
-                buffered = true;
-            } else if lane.skipped_from.is_none() {
-                lane.skipped_from = Some(call.id);
-            }
-        }
-        buffered
-    }
-
     /// Reads skipped calls back into lanes that have room again.
     fn refill_lanes(&mut self) {
         let cursor = self.cursor;
+        let capacity = self.lane_capacity;
         for (key, lane) in self.lanes.iter_mut() {
             while let Some(from) = lane.skipped_from {
-                if lane.occupancy() >= self.lane_capacity / 2 {
+                if lane.occupancy() >= capacity / 2 {
                     break;
                 }
-                let calls = match self.queue.read(from, READ_CHUNK) {
-                    Ok(calls) => calls,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the queue");
-                        return;
-                    }
-                };
                 lane.skipped_from = None;
-                let mut last = None;
-                for call in calls.into_iter().take_while(|c| c.id < cursor) {
+                let (mut shown, mut last) = (0, None);
+                let read = self.queue.visit(from, |call| {
+                    if call.id >= cursor {
+                        return Visit::Stop;
+                    }
                     last = Some(call.id);
-                    if call.record.write_key != *key {
-                        continue;
+                    shown += 1;
+                    if call.view.write_key == key.as_str() {
+                        if lane.occupancy() >= capacity {
+                            lane.skipped_from = Some(call.id);
+                            return Visit::Stop;
+                        }
+                        lane.push(call.to_queued());
                     }
-                    if lane.occupancy() >= self.lane_capacity {
-                        lane.skipped_from = Some(call.id);
-                        break;
+                    if shown == READ_CHUNK {
+                        Visit::Stop
+                    } else {
+                        Visit::Next
                     }
-                    lane.push(call);
+                });
+                if let Err(e) = read {
+                    // Read again from where this read got to.
+                    lane.skipped_from = lane.skipped_from.or(Some(last.map_or(from, |id| id + 1)));
+                    tracing::error!(error = %e, "cannot read the queue");
+                    return;
                 }
                 // Not at the cursor yet: carry on from after the last call looked at.
                 if lane.skipped_from.is_none() {
@@ -491,6 +485,33 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         (_, Some(message)) => message.clone(),
         _ => "a panic without a message".to_owned(),
     }
+}
+
+/// Puts a call the reader is shown into its lane, or marks it skipped where the lane is full
+/// (or already skipping): a skipped call is not copied, and is read again once the lane has
+/// room. Returns whether the call was buffered.
+fn buffer_shown(
+    lanes: &mut BTreeMap<String, Lane>,
+    settings: &ForwardSettings,
+    capacity: usize,
+    call: Shown<'_>,
+) -> bool {
+    let key = call.view.write_key;
+    let lane = match lanes.get_mut(key) {
+        Some(lane) => lane,
+        None => lanes
+            .entry(key.to_owned())
+            .or_insert_with_key(|key| Lane::new(settings, key)),
+    };
+    if lane.skipped_from.is_some() {
+        return false;
+    }
+    if lane.occupancy() >= capacity {
+        lane.skipped_from = Some(call.id);
+        return false;
+    }
+    lane.push(call.to_queued());
+    true
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

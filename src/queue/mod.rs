@@ -10,8 +10,9 @@
 //! - **All or nothing per request.** The calls of one append are written in one atomic sled
 //!   operation: after a crash either all of them are queued or none.
 //! - **FIFO.** Each call gets the next id (a `u64`) in arrival order, and calls are stored in
-//!   order in *chunks* of a few calls each (see [`record`]). [`Queue::read`] hands out only
-//!   calls that a flush has covered, so a reader never sees a call a crash could take back.
+//!   order in *chunks* of a few calls each (see [`record`]). [`Queue::visit`] shows (and
+//!   [`Queue::read`] hands out) only calls that a flush has covered, so a reader never sees
+//!   a call a crash could take back.
 //! - **Removed only on request.** Calls leave the queue only through [`Queue::remove`] or
 //!   [`Queue::dead_letter`] (or quarantine, for a chunk that cannot be read), each one atomic
 //!   step that also updates the counters.
@@ -89,9 +90,12 @@ pub use options::{
     Durability, QueueOptions, DEFAULT_REBUILD_ABOVE_BYTES, REBUILD_GARBAGE_FACTOR,
     REBUILD_MAX_COPY_BYTES,
 };
+pub use read::{Shown, Visit};
 pub use rebuild::Rebuilt;
 use record::rejected_record;
-pub use record::{CallRecord, DeadCause, DeadReason, DeadRecord, DecodeError, RejectedRecord};
+pub use record::{
+    CallRecord, CallView, DeadCause, DeadReason, DeadRecord, DecodeError, RejectedRecord,
+};
 use space::FreeSpace;
 
 /// Every call's fate so far, from the durable counters.

@@ -9,32 +9,76 @@ use super::keys::{chunk_key, decode_chunk_key, done_key, LEDGER_KEY};
 use super::layout::QUARANTINE_TREE;
 use super::ledger::ChunkRef;
 use super::ledger::{Books, QueuedCall};
-use super::record::{self, DeadCause};
+use super::record::{self, CallView, DeadCause};
 use super::settle::encode_counters;
 use super::{Inner, Queue};
 
-impl Queue {
-    /// Up to `limit` pending durable calls with ids of `from` or more, in queue order. A call
-    /// is handed out only once a flush covers it, so nothing is delivered that a crash could
-    /// still take back (and that its client would then send again).
-    pub fn read(&self, mut from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
-        let mut out = Vec::new();
-        // One unreadable chunk must not stop delivery of the rest: quarantine it, read on.
-        while let Some(damaged) = self.read_into(from, limit, &mut out)? {
-            from = damaged.chunk.end();
-            self.quarantine(damaged)?;
+/// What a reader of [`Queue::visit`] wants after a call: the next, or no more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    Next,
+    Stop,
+}
+
+/// A pending call as [`Queue::visit`] shows it, in place: a reader that passes over it
+/// copies nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Shown<'a> {
+    pub id: u64,
+    pub view: CallView<'a>,
+    pub chunk: ChunkRef,
+}
+
+impl Shown<'_> {
+    /// The call, copied out to be kept.
+    pub fn to_queued(&self) -> QueuedCall {
+        QueuedCall {
+            id: self.id,
+            record: self.view.to_record(),
+            chunk: self.chunk,
         }
+    }
+}
+
+impl Queue {
+    /// Up to `limit` pending durable calls with ids of `from` or more, in queue order.
+    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        self.visit(from, |shown| {
+            out.push(shown.to_queued());
+            if out.len() >= limit {
+                Visit::Stop
+            } else {
+                Visit::Next
+            }
+        })?;
         Ok(out)
     }
 
-    /// Reads into `out` until `limit`, the end, or a chunk that cannot be read.
-    fn read_into(
+    /// Shows `visit` the pending durable calls with ids of `from` or more, in queue order and
+    /// in place, until it says [`Visit::Stop`] or none is left. A call is shown only once a
+    /// flush covers it, so nothing is delivered that a crash could still take back (and that
+    /// its client would then send again).
+    ///
+    /// The delivery side looks at far more calls than it keeps (another writeKey's, while
+    /// its lane is full), so only what it keeps is copied. A chunk that cannot be read is
+    /// moved to quarantine before any of its calls is shown, and the rest is shown on.
+    pub fn visit(
         &self,
-        from: u64,
-        limit: usize,
-        out: &mut Vec<QueuedCall>,
-    ) -> Result<Option<Damaged>, QueueError> {
-        self.with_books(|inner, books| inner.read_into(books, from, limit, out))
+        mut from: u64,
+        mut visit: impl FnMut(Shown<'_>) -> Visit,
+    ) -> Result<(), QueueError> {
+        // One unreadable chunk must not stop delivery of the rest: quarantine it, read on.
+        while let Some(damaged) =
+            self.with_books(|inner, books| inner.visit(books, from, &mut visit))?
+        {
+            from = damaged.chunk.end();
+            self.quarantine(damaged)?;
+        }
+        Ok(())
     }
 
     /// Moves a chunk that cannot be read out of the queue (see [`Inner::quarantine`]).
@@ -46,19 +90,19 @@ impl Queue {
 }
 
 impl Inner {
-    /// [`Queue::read_into`] on this database, its books locked.
-    fn read_into(
+    /// [`Queue::visit`] on this database, its books locked, up to a chunk that cannot be
+    /// read (returned to be quarantined).
+    fn visit(
         &self,
         books: &Books,
         from: u64,
-        limit: usize,
-        out: &mut Vec<QueuedCall>,
+        visit: &mut impl FnMut(Shown<'_>) -> Visit,
     ) -> Result<Option<Damaged>, QueueError> {
         let end = self
             .inserted_end
             .load(Ordering::SeqCst)
             .min(self.commit.durable_end());
-        if from >= end || out.len() >= limit {
+        if from >= end {
             return Ok(None);
         }
         // Start at the chunk that holds `from`, if one does.
@@ -75,31 +119,16 @@ impl Inner {
             let (key, value) = item?;
             let mut chunk = decode_chunk_key(&key)?;
             chunk.stored_bytes = stored_size(value.len());
-            let records = match record::decode_chunk(&value) {
-                Ok(records) if records.len() == chunk.count as usize => records,
-                Ok(_) => {
-                    return Ok(Some(Damaged::new(
-                        chunk,
-                        &value,
-                        "call count differs from its key",
-                    )))
-                }
-                Err(e) => return Ok(Some(Damaged::new(chunk, &value, &e.to_string()))),
+            let calls = match read_chunk(&value, chunk) {
+                Ok(calls) => calls,
+                Err(reason) => return Ok(Some(Damaged::new(chunk, &value, &reason))),
             };
-            for (index, bytes) in records.into_iter().enumerate() {
+            for (index, view) in calls.into_iter().enumerate() {
                 let id = chunk.first + index as u64;
                 if id < from || books.is_done(chunk.first, index) {
                     continue;
                 }
-                match record::decode_call(bytes) {
-                    Ok(record) => out.push(QueuedCall { id, record, chunk }),
-                    Err(e) => {
-                        // Drop what this chunk gave: it goes to quarantine whole.
-                        out.retain(|c| c.chunk.first != chunk.first);
-                        return Ok(Some(Damaged::new(chunk, &value, &e.to_string())));
-                    }
-                }
-                if out.len() >= limit {
+                if visit(Shown { id, view, chunk }) == Visit::Stop {
                     return Ok(None);
                 }
             }
@@ -160,6 +189,18 @@ impl Inner {
         self.commit.mark_dirty();
         Ok(())
     }
+}
+
+/// A chunk's calls in place, all checked before any is shown, or why it cannot be read.
+fn read_chunk(value: &[u8], chunk: ChunkRef) -> Result<Vec<CallView<'_>>, String> {
+    let records = record::decode_chunk(value).map_err(|e| e.to_string())?;
+    if records.len() != chunk.count as usize {
+        return Err("call count differs from its key".into());
+    }
+    records
+        .into_iter()
+        .map(|bytes| record::view_call(bytes).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// A chunk that could not be read, on its way to quarantine.

@@ -76,7 +76,27 @@ pub fn encode_call(write_key: &str, received_ms: u64, call: &[u8]) -> Vec<u8> {
     out
 }
 
-pub fn decode_call(bytes: &[u8]) -> Result<CallRecord, DecodeError> {
+/// A call record read in place: what a reader needs to decide on a call before it copies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallView<'a> {
+    pub received_ms: u64,
+    pub write_key: &'a str,
+    pub call: &'a [u8],
+}
+
+impl CallView<'_> {
+    /// The record, copied out of the bytes it was read from.
+    pub fn to_record(&self) -> CallRecord {
+        CallRecord {
+            received_ms: self.received_ms,
+            write_key: self.write_key.to_owned(),
+            call: self.call.to_vec(),
+        }
+    }
+}
+
+/// Reads a call record in place, without copying it.
+pub fn view_call(bytes: &[u8]) -> Result<CallView<'_>, DecodeError> {
     match bytes.first() {
         None => return Err(DecodeError::Damaged("empty value")),
         Some(&FORMAT_VERSION) => {}
@@ -93,13 +113,16 @@ pub fn decode_call(bytes: &[u8]) -> Result<CallRecord, DecodeError> {
         return Err(DecodeError::Damaged("writeKey runs past the end"));
     }
     let write_key = std::str::from_utf8(&rest[..key_len])
-        .map_err(|_| DecodeError::Damaged("writeKey is not UTF-8"))?
-        .to_owned();
-    Ok(CallRecord {
+        .map_err(|_| DecodeError::Damaged("writeKey is not UTF-8"))?;
+    Ok(CallView {
         received_ms,
         write_key,
-        call: rest[key_len..].to_vec(),
+        call: &rest[key_len..],
     })
+}
+
+pub fn decode_call(bytes: &[u8]) -> Result<CallRecord, DecodeError> {
+    view_call(bytes).map(|view| view.to_record())
 }
 
 /// Bytes a record takes in a chunk: what a request reserves against the queue's limit, and
