@@ -1,7 +1,7 @@
 //! The allocator's tunables: how much memory the daemon keeps for reuse, a choice between a
 //! small footprint and CPU per call (`--memory-profile`).
 //!
-//! On the batch path most allocations are large: sled's 512 KiB log segment buffers, its
+//! On the batch path most allocations are large: sled's log segment buffers (2 MiB), its
 //! serialised leaves (tens to hundreds of KB, rewritten on every split and consolidation),
 //! request and upstream batch bodies. glibc maps each block from 128 KiB up on its own and
 //! returns it on free, so the next one is page-faulted in afresh: under 100-call batches about
@@ -14,8 +14,8 @@
 /// would grow RSS far past what is live. Two keep it flat. (Both profiles.)
 const MALLOC_ARENAS: libc::c_int = 2;
 /// `throughput`: blocks below this come from the heap and are reused; at or above it they
-/// are mapped on their own. Above sled's segment buffers and nearly all of its leaves.
-const THROUGHPUT_MMAP_THRESHOLD: libc::c_int = 1 << 20;
+/// are mapped on their own. Above sled's segment buffers and its leaves.
+const THROUGHPUT_MMAP_THRESHOLD: libc::c_int = 4 << 20;
 /// `throughput`: free memory at the top of an arena's heap past which glibc gives it back:
 /// a few segment buffers, so that they are not returned and faulted in again between two
 /// requests. A rebuild still hands everything free back (`malloc_trim`).

@@ -6,7 +6,7 @@
 //! list; if no one is writing, it becomes the writer: it yields once, so that the requests
 //! its worker has ready add theirs, then writes rounds until the list is empty, the calls
 //! of requests that arrived meanwhile included. A round takes everything pending and packs
-//! it into chunks of at most [`CHUNK_BYTES`], a request's calls all in one chunk when they
+//! it into chunks of at most [`chunk_bytes`], a request's calls all in one chunk when they
 //! fit (else in chunks of their own), and writes each chunk with one `insert`; a round in
 //! which some request needs several chunks goes in one atomic `apply_batch` instead. So the
 //! calls of a request are stored all together or not at all, ids follow arrival order, and
@@ -29,10 +29,17 @@ use super::keys::chunk_key;
 use super::options::Durability;
 use super::record::{self, CHUNK_HEADER_LEN};
 
-/// Most record bytes in one chunk. sled 0.34 splits a leaf past 16 keys and writes any log
-/// message over a quarter of a 512 KiB segment as a separate *blob* file; 17 chunks of this
-/// size stay under that, so chunks live in sled's log like any small value.
-pub const CHUNK_BYTES: usize = 7_000;
+/// A chunk's record bytes at most, as a share of sled's log segment: a leaf holds up to 17
+/// chunks before it splits, and must stay under a quarter of a segment, past which sled
+/// writes it to a blob file of its own (see `sled_config`). 17 x 1/75 is under a quarter,
+/// with room for keys and sled's own framing. 6,990 bytes for 512 KiB segments, 27,962 for
+/// 2 MiB.
+const SEGMENT_BYTES_PER_CHUNK_BYTE: usize = 75;
+
+/// Most record bytes in one chunk of a database whose log segments are `segment_bytes`.
+pub fn chunk_bytes(segment_bytes: usize) -> usize {
+    segment_bytes / SEGMENT_BYTES_PER_CHUNK_BYTE
+}
 
 /// Rounds one writer writes before it hands the rest to a fresh task, so that its own
 /// request is not held up behind a steady stream of others.
@@ -48,6 +55,8 @@ pub(crate) struct Target {
     pub budget: Arc<Budget>,
     pub commit: Arc<GroupCommit>,
     pub durability: Durability,
+    /// Most record bytes in one chunk: [`chunk_bytes`] of the database's segment size.
+    pub chunk_bytes: usize,
 }
 
 struct Pending {
@@ -218,7 +227,7 @@ impl Target {
         if round.is_empty() {
             return;
         }
-        let (units, needs) = pack(&round, self.next_id);
+        let (units, needs) = pack(&round, self.next_id, self.chunk_bytes);
         crate::failpoint::panic_at("queue-write-panics");
         // Units are written one by one, in id order: an `insert` each, or one `apply_batch`
         // (see the module's notes). A crash between two units keeps a prefix of them, as
@@ -287,12 +296,12 @@ struct Unit {
     end: u64,
 }
 
-/// Packs a round's records into chunks of at most [`CHUNK_BYTES`] (a record bigger than
+/// Packs a round's records into chunks of at most `chunk_bytes` (a record bigger than
 /// that alone in one), keeping each request's records in one unit: in one chunk when they
 /// fit in one, else in chunks of their own; and when any request needs several chunks, the
 /// whole round in one unit. Returns the units and, for each request, how many units must be
 /// written for all its records to be.
-fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
+fn pack(round: &Round, first_id: u64, chunk_bytes: usize) -> (Vec<Unit>, Vec<usize>) {
     let mut units = Vec::new();
     let mut needs = Vec::with_capacity(round.len());
     let mut next_id = first_id;
@@ -308,13 +317,13 @@ fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
     };
     for (records, _) in round {
         let size = record::entries_size(records);
-        if packed + size > CHUNK_BYTES && !packing.is_empty() {
+        if packed + size > chunk_bytes && !packing.is_empty() {
             let mut chunks = Vec::with_capacity(1);
             let end = seal(&mut packing, &mut chunks);
             units.push(Unit { chunks, end });
             packed = 0;
         }
-        if size <= CHUNK_BYTES {
+        if size <= chunk_bytes {
             packing.extend(records.iter().map(Vec::as_slice));
             packed += size;
             needs.push(units.len() + usize::from(!packing.is_empty()));
@@ -323,7 +332,7 @@ fn pack(round: &Round, first_id: u64) -> (Vec<Unit>, Vec<usize>) {
         // Too big for one chunk (a batch, say): chunks of its own, written atomically.
         let mut chunks = Vec::new();
         for record in records {
-            if !packing.is_empty() && packed + record::entry_size(record) > CHUNK_BYTES {
+            if !packing.is_empty() && packed + record::entry_size(record) > chunk_bytes {
                 seal(&mut packing, &mut chunks);
                 packed = 0;
             }
@@ -356,6 +365,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::queue::sled_config::{LEGACY_SEGMENT_BYTES, SEGMENT_BYTES};
 
     fn round_of(requests: &[Vec<usize>]) -> Round {
         requests
@@ -376,11 +386,13 @@ mod tests {
         #[test]
         fn packing_keeps_each_request_in_one_unit(
             requests in prop::collection::vec(
-                prop::collection::vec(0usize..9_000, 0..12), 1..40),
+                prop::collection::vec(0usize..36_000, 0..12), 1..40),
             first_id in 0u64..1_000_000,
+            segment_bytes in prop::sample::select(vec![LEGACY_SEGMENT_BYTES, SEGMENT_BYTES]),
         ) {
             let round = round_of(&requests);
-            let (units, needs) = pack(&round, first_id);
+            let limit = chunk_bytes(segment_bytes);
+            let (units, needs) = pack(&round, first_id, limit);
             prop_assert_eq!(needs.len(), requests.len());
             // Batches cost per batch: a round has at most one, and then only that.
             if units.iter().any(|unit| unit.chunks.len() > 1) {
@@ -396,7 +408,7 @@ mod tests {
                     let records = record::decode_chunk(value).unwrap();
                     prop_assert_eq!(records.len(), chunk.count as usize);
                     let size: usize = records.iter().map(|r| record::entry_size(r)).sum();
-                    prop_assert!(size <= CHUNK_BYTES || records.len() == 1);
+                    prop_assert!(size <= limit || records.len() == 1);
                     next_id = chunk.end();
                     stored.extend(records.iter().map(|r| (r.to_vec(), units_index(&units, unit))));
                 }

@@ -35,13 +35,14 @@
 //! | `mod.rs` | the `Queue` type and its counts, append, close; the database in use, swapped by a rebuild |
 //! | `options.rs` | how the queue is opened: durability mode, limits, their defaults |
 //! | `open.rs` | open and recovery: format, books, byte count, damage on disk, names made durable |
+//! | `sled_config.rs` | sled's settings for a queue database; the log segment size, which bounds the chunks |
 //! | `rebuild.rs` | a fresh copy of the database switched in, giving disk back; a switch a crash cut short, completed |
 //! | `reclaim.rs` | when to rebuild: the task that weighs the database's files against what they store |
 //! | `keys.rs` | the queue tree's key layout and codecs |
 //! | `record.rs` | the stored record formats (calls, chunks, dead letters, rejected calls) |
 //! | `appender.rs` | the waiting requests' calls packed into chunks and written |
 //! | `commit.rs` | group commit: the flushes, and the answers they release |
-//! | `read.rs` | durable calls handed out in order; quarantine of unreadable chunks |
+//! | `read.rs` | durable calls shown in order, in place; quarantine of unreadable chunks |
 //! | `ledger.rs` | the counters and done-bits, and what settling changes in them |
 //! | `settle.rs` | settling: done-bits, finished chunks and counters in one atomic write |
 //! | `dead.rs` | the dead-letter and rejected stores |
@@ -66,6 +67,7 @@ mod reclaim;
 pub mod record;
 mod remove;
 mod settle;
+mod sled_config;
 mod space;
 mod watermark;
 
@@ -96,6 +98,7 @@ use record::rejected_record;
 pub use record::{
     CallRecord, CallView, DeadCause, DeadReason, DeadRecord, DecodeError, RejectedRecord,
 };
+pub use sled_config::segment_bytes;
 use space::FreeSpace;
 
 /// Every call's fate so far, from the durable counters.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
 
-use super::appender::{Appender, Target};
+use super::appender::{self, Appender, Target};
 use super::budget::{self, Budget};
 use super::commit::GroupCommit;
 use super::error::QueueError;
@@ -25,7 +25,7 @@ use super::record::DeadCause;
 use super::settle::encode_counters;
 use super::space::FreeSpace;
 use super::watermark::Watermark;
-use super::{rebuild, reclaim, Inner, Queue, Shared};
+use super::{rebuild, reclaim, sled_config, Inner, Queue, Shared};
 
 impl Queue {
     /// Opens (or creates) the queue in `options.data_dir`, first completing a rebuild's
@@ -70,11 +70,8 @@ pub(super) fn open_database(
     let path = db_path(&options.data_dir);
     crate::dirsync::create_dir_all(&path, 0o700)
         .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
-    let db = sled::Config::new()
-        .path(&path)
-        .cache_capacity(options.cache_bytes)
-        // The committer owns flushing: sled's own flusher would race it.
-        .flush_every_ms(None)
+    let segment_bytes = sled_config::segment_bytes(&path);
+    let db = sled_config::config(&path, options.cache_bytes)
         .open()
         .map_err(|e| in_use(e, &options.data_dir, &path))?;
     let meta = db.open_tree(META_TREE)?;
@@ -113,6 +110,7 @@ pub(super) fn open_database(
         budget,
         watermark,
         id_base,
+        chunk_bytes: appender::chunk_bytes(segment_bytes),
     };
     recovered.start(options, advanced)
 }
@@ -130,6 +128,8 @@ struct Recovered {
     budget: Arc<Budget>,
     watermark: Watermark,
     id_base: u64,
+    /// Most record bytes in one chunk, for this database's segment size.
+    chunk_bytes: usize,
 }
 
 impl Recovered {
@@ -153,6 +153,7 @@ impl Recovered {
             budget: self.budget.clone(),
             commit: commit.clone(),
             durability: options.durability,
+            chunk_bytes: self.chunk_bytes,
         })?;
         Ok(Inner {
             db: self.db,

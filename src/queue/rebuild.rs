@@ -29,7 +29,7 @@ use super::error::QueueError;
 use super::layout::{db_path, files_bytes, CLEAN_CLOSE_KEY, ID_BASE_KEY, META_TREE};
 use super::open::open_database;
 use super::options::QueueOptions;
-use super::{Inner, Queue};
+use super::{sled_config, Inner, Queue};
 
 /// Where the copy is built, beside the database.
 const NEXT_DIR: &str = "queue.next";
@@ -206,11 +206,7 @@ fn copy_database(old: &Inner, to: &Path, options: &QueueOptions) -> Result<(), Q
         ))
     };
     crate::dirsync::create_dir_all(to, 0o700).map_err(storage)?;
-    let db = sled::Config::new()
-        .path(to)
-        .cache_capacity(options.cache_bytes)
-        .flush_every_ms(None)
-        .open()?;
+    let db = sled_config::config(to, options.cache_bytes).open()?;
     for name in old.db.tree_names() {
         let (from, into) = (old.db.open_tree(&name)?, db.open_tree(&name)?);
         let mut batch = sled::Batch::default();

@@ -60,9 +60,13 @@ pub async fn open_again(options: QueueOptions) -> Result<Queue, QueueError> {
     past_the_lock(|| Queue::open(options.clone())).await
 }
 
-/// `sled::open` on a database this process closed a moment ago (see [`open_again`]).
+/// sled on a queue database this process closed a moment ago (see [`open_again`]), with the
+/// segment size the database has (sled refuses another).
 pub async fn sled_open_again(path: &Path) -> sled::Db {
-    past_the_lock(|| sled::open(path)).await.unwrap()
+    let config = sled::Config::new()
+        .path(path)
+        .segment_size(grouprelay::queue::segment_bytes(path));
+    past_the_lock(|| config.open()).await.unwrap()
 }
 
 /// Runs `open` again while it fails on sled's file lock, for at most 10 s.

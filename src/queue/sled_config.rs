@@ -1,0 +1,76 @@
+//! sled's configuration for a queue database, in one place so that every open and a
+//! rebuild's copy agree; and the log segment size, which a database keeps for life.
+//!
+//! The segment size bounds the chunks: sled writes a log message over a quarter of a segment
+//! (a leaf, say) to a *blob* file of its own, synced on its own, and a leaf holds up to 17
+//! keys before it splits. So chunks stay small enough that a full leaf of them is an ordinary
+//! log message, and bigger segments allow bigger chunks: fewer sled keys per request, and
+//! sled's cost is per key far more than per byte.
+
+use std::path::Path;
+
+/// sled's log segment for a database created now: 2 MiB, so that a 100-call batch request
+/// (about 70 KB) is three chunks rather than ten.
+pub const SEGMENT_BYTES: usize = 2 << 20;
+/// The segment of every database created before [`SEGMENT_BYTES`] (sled's default). Such a
+/// database keeps it (sled refuses to open a database with another) until a rebuild copies
+/// it into a new one.
+pub const LEGACY_SEGMENT_BYTES: usize = 512 << 10;
+/// Where sled keeps a database's settings, beside its log.
+const SLED_CONF_FILE: &str = "conf";
+
+/// The sled configuration for the database at `path`: its own segment size if it exists
+/// (see [`segment_bytes`]), no flusher of sled's own (the committer owns flushing: sled's
+/// flusher would race it).
+pub(super) fn config(path: &Path, cache_bytes: u64) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes)
+        .segment_size(segment_bytes(path))
+        .flush_every_ms(None)
+}
+
+/// The segment size of the database at `path`: what sled recorded when it created it, or
+/// [`SEGMENT_BYTES`] for a new one. A settings file that cannot be read gives the legacy
+/// size, the only one an older grouprelay wrote; sled checks it against the file at open.
+pub fn segment_bytes(path: &Path) -> usize {
+    match std::fs::read(path.join(SLED_CONF_FILE)) {
+        Ok(bytes) => recorded_segment_bytes(&bytes).unwrap_or(LEGACY_SEGMENT_BYTES),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => SEGMENT_BYTES,
+        Err(_) => LEGACY_SEGMENT_BYTES,
+    }
+}
+
+/// The `segment_size: N` line of sled's settings file (`key: value` lines, then a CRC).
+fn recorded_segment_bytes(conf: &[u8]) -> Option<usize> {
+    conf.split(|&b| b == b'\n')
+        .filter_map(|line| std::str::from_utf8(line).ok())
+        .find_map(|line| line.strip_prefix("segment_size: "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_database_gets_the_new_segment_and_an_old_one_keeps_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("new");
+        assert_eq!(segment_bytes(&new), SEGMENT_BYTES);
+        drop(config(&new, 1 << 20).open().unwrap());
+        assert_eq!(segment_bytes(&new), SEGMENT_BYTES);
+
+        let old = dir.path().join("old");
+        drop(
+            sled::Config::new()
+                .path(&old)
+                .segment_size(LEGACY_SEGMENT_BYTES)
+                .open()
+                .unwrap(),
+        );
+        assert_eq!(segment_bytes(&old), LEGACY_SEGMENT_BYTES);
+        // sled refuses a database with another segment size: ours must match it.
+        config(&old, 1 << 20).open().unwrap();
+    }
+}
