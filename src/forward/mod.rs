@@ -217,12 +217,12 @@ impl Forwarder {
                     Visit::Next
                 }
             });
-            self.only_skipping = !buffered_here;
             buffered_any |= buffered_here;
             if let Err(e) = read {
                 tracing::error!(error = %e, "cannot read the queue");
                 return Some(ERROR_PAUSE);
             }
+            self.only_skipping = !buffered_here;
             if shown < READ_CHUNK {
                 return None;
             }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::CallRecord;
 
-/// A call handed out by `Queue::read`.
+/// A call handed out by `Queue::read`, or copied out of what `Queue::visit` shows.
 #[derive(Debug, Clone)]
 pub struct QueuedCall {
     pub id: u64,

@@ -10,7 +10,7 @@
 //! - **All or nothing per request.** The calls of one append are written in one atomic sled
 //!   operation: after a crash either all of them are queued or none.
 //! - **FIFO.** Each call gets the next id (a `u64`) in arrival order, and calls are stored in
-//!   order in *chunks* of a few calls each (see [`record`]). [`Queue::visit`] shows (and
+//!   order in *chunks* of several calls each (see [`record`]). [`Queue::visit`] shows (and
 //!   [`Queue::read`] hands out) only calls that a flush has covered, so a reader never sees
 //!   a call a crash could take back.
 //! - **Removed only on request.** Calls leave the queue only through [`Queue::remove`] or
@@ -98,7 +98,7 @@ use record::rejected_record;
 pub use record::{
     CallRecord, CallView, DeadCause, DeadReason, DeadRecord, DecodeError, RejectedRecord,
 };
-pub use sled_config::segment_bytes;
+pub use sled_config::{segment_bytes, LEGACY_SEGMENT_BYTES, SEGMENT_BYTES};
 use space::FreeSpace;
 
 /// Every call's fate so far, from the durable counters.

@@ -18,6 +18,8 @@ pub const SEGMENT_BYTES: usize = 2 << 20;
 pub const LEGACY_SEGMENT_BYTES: usize = 512 << 10;
 /// Where sled keeps a database's settings, beside its log.
 const SLED_CONF_FILE: &str = "conf";
+/// sled's log file.
+const SLED_LOG_FILE: &str = "db";
 
 /// The sled configuration for the database at `path`: its own segment size if it exists
 /// (see [`segment_bytes`]), no flusher of sled's own (the committer owns flushing: sled's
@@ -31,12 +33,17 @@ pub(super) fn config(path: &Path, cache_bytes: u64) -> sled::Config {
 }
 
 /// The segment size of the database at `path`: what sled recorded when it created it, or
-/// [`SEGMENT_BYTES`] for a new one. A settings file that cannot be read gives the legacy
-/// size, the only one an older grouprelay wrote; sled checks it against the file at open.
+/// [`SEGMENT_BYTES`] for a new one (no settings file and no log). A settings file that cannot
+/// be read, or a log without one, gives the legacy size, the only one an older grouprelay
+/// wrote; sled checks a recorded size against its file at open.
 pub fn segment_bytes(path: &Path) -> usize {
     match std::fs::read(path.join(SLED_CONF_FILE)) {
         Ok(bytes) => recorded_segment_bytes(&bytes).unwrap_or(LEGACY_SEGMENT_BYTES),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => SEGMENT_BYTES,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound && !path.join(SLED_LOG_FILE).exists() =>
+        {
+            SEGMENT_BYTES
+        }
         Err(_) => LEGACY_SEGMENT_BYTES,
     }
 }
@@ -72,5 +79,11 @@ mod tests {
         assert_eq!(segment_bytes(&old), LEGACY_SEGMENT_BYTES);
         // sled refuses a database with another segment size: ours must match it.
         config(&old, 1 << 20).open().unwrap();
+
+        // A log without its settings file is taken for an older database's.
+        let bare = dir.path().join("bare");
+        std::fs::create_dir_all(&bare).unwrap();
+        std::fs::write(bare.join(SLED_LOG_FILE), b"").unwrap();
+        assert_eq!(segment_bytes(&bare), LEGACY_SEGMENT_BYTES);
     }
 }
