@@ -29,16 +29,16 @@ use super::keys::chunk_key;
 use super::options::Durability;
 use super::record::{self, CHUNK_HEADER_LEN};
 
-/// A chunk's record bytes at most, as a share of sled's log segment: a leaf holds up to 17
-/// chunks before it splits, and must stay under a quarter of a segment, past which sled
+/// A chunk's record bytes are at most this share of sled's log segment: a leaf holds up to
+/// 17 chunks before it splits, and must stay under a quarter of a segment, past which sled
 /// writes it to a blob file of its own (see `sled_config`). 17 x 1/75 is under a quarter,
 /// with room for keys and sled's own framing. 6,990 bytes for 512 KiB segments, 27,962 for
 /// 2 MiB.
-const SEGMENT_BYTES_PER_CHUNK_BYTE: usize = 75;
+const CHUNKS_PER_SEGMENT: usize = 75;
 
 /// Most record bytes in one chunk of a database whose log segments are `segment_bytes`.
 pub fn chunk_bytes(segment_bytes: usize) -> usize {
-    segment_bytes / SEGMENT_BYTES_PER_CHUNK_BYTE
+    segment_bytes / CHUNKS_PER_SEGMENT
 }
 
 /// Rounds one writer writes before it hands the rest to a fresh task, so that its own

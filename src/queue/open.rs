@@ -71,7 +71,7 @@ pub(super) fn open_database(
     crate::dirsync::create_dir_all(&path, 0o700)
         .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
     let segment_bytes = sled_config::segment_bytes(&path);
-    let db = sled_config::config(&path, options.cache_bytes)
+    let db = sled_config::config(&path, options.cache_bytes, segment_bytes)
         .open()
         .map_err(|e| in_use(e, &options.data_dir, &path))?;
     let meta = db.open_tree(META_TREE)?;

@@ -206,7 +206,8 @@ fn copy_database(old: &Inner, to: &Path, options: &QueueOptions) -> Result<(), Q
         ))
     };
     crate::dirsync::create_dir_all(to, 0o700).map_err(storage)?;
-    let db = sled_config::config(to, options.cache_bytes).open()?;
+    let segment_bytes = sled_config::segment_bytes(to);
+    let db = sled_config::config(to, options.cache_bytes, segment_bytes).open()?;
     for name in old.db.tree_names() {
         let (from, into) = (old.db.open_tree(&name)?, db.open_tree(&name)?);
         let mut batch = sled::Batch::default();

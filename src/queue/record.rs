@@ -121,10 +121,6 @@ pub fn view_call(bytes: &[u8]) -> Result<CallView<'_>, DecodeError> {
     })
 }
 
-pub fn decode_call(bytes: &[u8]) -> Result<CallRecord, DecodeError> {
-    view_call(bytes).map(|view| view.to_record())
-}
-
 /// Bytes a record takes in a chunk: what a request reserves against the queue's limit, and
 /// what is given back when it is refused or delivered, so all must count it alike.
 pub fn entry_size(record: &[u8]) -> usize {
@@ -301,7 +297,7 @@ mod tests {
     #[test]
     fn call_record_round_trips() {
         let encoded = encode_call("key", 1_700_000_000_123, br#"{"type":"group"}"#);
-        let decoded = decode_call(&encoded).unwrap();
+        let decoded = view_call(&encoded).unwrap();
         assert_eq!(decoded.write_key, "key");
         assert_eq!(decoded.received_ms, 1_700_000_000_123);
         assert_eq!(decoded.call, br#"{"type":"group"}"#);
@@ -339,17 +335,17 @@ mod tests {
         let mut encoded = encode_call("key", 1, b"{}");
         encoded[0] = FORMAT_VERSION + 1;
         assert_eq!(
-            decode_call(&encoded),
+            view_call(&encoded),
             Err(DecodeError::NewerFormat(FORMAT_VERSION + 1))
         );
         assert!(matches!(
-            decode_call(&[FORMAT_VERSION, 0, 0]),
+            view_call(&[FORMAT_VERSION, 0, 0]),
             Err(DecodeError::Damaged(_))
         ));
         let mut short_key = encode_call("key", 1, b"");
         short_key.truncate(12);
         assert!(matches!(
-            decode_call(&short_key),
+            view_call(&short_key),
             Err(DecodeError::Damaged(_))
         ));
     }

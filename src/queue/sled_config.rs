@@ -21,14 +21,14 @@ const SLED_CONF_FILE: &str = "conf";
 /// sled's log file.
 const SLED_LOG_FILE: &str = "db";
 
-/// The sled configuration for the database at `path`: its own segment size if it exists
-/// (see [`segment_bytes`]), no flusher of sled's own (the committer owns flushing: sled's
-/// flusher would race it).
-pub(super) fn config(path: &Path, cache_bytes: u64) -> sled::Config {
+/// The sled configuration for the database at `path`, whose segment size is
+/// `segment_bytes` (see [`segment_bytes`]), with no flusher of sled's own (the committer
+/// owns flushing: sled's flusher would race it).
+pub(super) fn config(path: &Path, cache_bytes: u64, segment_bytes: usize) -> sled::Config {
     sled::Config::new()
         .path(path)
         .cache_capacity(cache_bytes)
-        .segment_size(segment_bytes(path))
+        .segment_size(segment_bytes)
         .flush_every_ms(None)
 }
 
@@ -65,7 +65,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let new = dir.path().join("new");
         assert_eq!(segment_bytes(&new), SEGMENT_BYTES);
-        drop(config(&new, 1 << 20).open().unwrap());
+        drop(config(&new, 1 << 20, segment_bytes(&new)).open().unwrap());
         assert_eq!(segment_bytes(&new), SEGMENT_BYTES);
 
         let old = dir.path().join("old");
@@ -78,12 +78,42 @@ mod tests {
         );
         assert_eq!(segment_bytes(&old), LEGACY_SEGMENT_BYTES);
         // sled refuses a database with another segment size: ours must match it.
-        config(&old, 1 << 20).open().unwrap();
+        config(&old, 1 << 20, segment_bytes(&old)).open().unwrap();
 
         // A log without its settings file is taken for an older database's.
         let bare = dir.path().join("bare");
         std::fs::create_dir_all(&bare).unwrap();
         std::fs::write(bare.join(SLED_LOG_FILE), b"").unwrap();
         assert_eq!(segment_bytes(&bare), LEGACY_SEGMENT_BYTES);
+    }
+
+    /// The chunk bound holds: leaves of chunks at the limit, appended and removed as the
+    /// queue does, never go to blob files, whatever the segment size.
+    #[test]
+    fn leaves_of_the_largest_chunks_stay_in_the_log() {
+        use crate::queue::appender::chunk_bytes;
+        use crate::queue::record::CHUNK_HEADER_LEN;
+        let dir = tempfile::tempdir().unwrap();
+        for segment in [LEGACY_SEGMENT_BYTES, SEGMENT_BYTES] {
+            let path = dir.path().join(segment.to_string());
+            let db = config(&path, 1 << 20, segment).open().unwrap();
+            // The largest chunk: the limit's record bytes, a length prefix for each of a
+            // few records, the header.
+            let value = vec![7u8; chunk_bytes(segment) + 4 * 4 + CHUNK_HEADER_LEN];
+            for id in 0u64..200 {
+                db.insert(id.to_be_bytes(), value.as_slice()).unwrap();
+                if id >= 50 && id % 3 == 0 {
+                    db.remove((id - 50).to_be_bytes()).unwrap();
+                }
+            }
+            db.flush().unwrap();
+            let blobs = std::fs::read_dir(path.join("blobs"))
+                .map(|entries| entries.count())
+                .unwrap_or(0);
+            assert_eq!(
+                blobs, 0,
+                "{segment}-byte segments: leaves went to blob files"
+            );
+        }
     }
 }
