@@ -28,6 +28,10 @@ use super::error::QueueError;
 /// giving up with an error.
 pub(crate) const FLUSH_WAIT_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long the database stays clean before the log segment buffers sled keeps for reuse
+/// (up to four, 2 MiB each) are freed. Long enough that a lull between requests keeps them.
+const RELEASE_BUFFERS_AFTER: Duration = Duration::from_secs(1);
+
 /// Why an append did not succeed.
 #[derive(Debug)]
 pub(crate) enum AppendError {
@@ -217,14 +221,24 @@ async fn committer(
     // The first tick a period from now: a fresh start has nothing to flush.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether sled's spare log buffers were handed back since the last write.
+    let mut released = false;
     loop {
         // Clean and not stopping: no tick until something is written (an idle daemon does
         // not wake every period); then the next periodic flush is a period away.
         let idle = !shared.dirty.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst);
+        released &= idle;
         tokio::select! {
             _ = shared.wake.notified() => {}
             _ = shared.dirtied.notified(), if idle => {
                 ticker.reset();
+                continue;
+            }
+            // Clean for a while: the segment buffers sled keeps for reuse under load go back
+            // to the allocator, so that an idle daemon does not hold them.
+            _ = tokio::time::sleep(RELEASE_BUFFERS_AFTER), if idle && !released => {
+                sled::release_spare_io_buffers();
+                released = true;
                 continue;
             }
             _ = ticker.tick(), if !idle => {

@@ -1,7 +1,7 @@
 use std::{
     alloc::{alloc, dealloc, Layout},
     cell::UnsafeCell,
-    sync::atomic::AtomicPtr,
+    sync::atomic::{AtomicBool, AtomicPtr},
 };
 
 use crate::{pagecache::*, *};
@@ -35,8 +35,38 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
+/// grouprelay: log segment buffers kept for reuse, at most this many. A buffer freshly
+/// allocated is page-faulted in as sled fills it (a 2 MiB segment: 512 faults, the kernel
+/// zeroing each page), and glibc gives such a block back to the kernel when it is freed; under
+/// 100-call batches those faults were a tenth of the request path's CPU. Four cover the
+/// buffers in flight at once under load (the current one, one or two being written).
+const MAX_SPARE_BUFS: usize = 4;
+
+/// grouprelay: freed segment buffers waiting to be reused, of any database's segment size.
+static SPARE_BUFS: Mutex<Vec<AlignedBuf>> = parking_lot::const_mutex(Vec::new());
+
+/// grouprelay: whether freed buffers are kept: off from [`release_spare_io_buffers`] until
+/// the next buffer is taken, so that an idle process holds none.
+static KEEP_SPARE_BUFS: AtomicBool = AtomicBool::new(true);
+
+/// grouprelay: frees the segment buffers kept for reuse, and keeps none until sled next
+/// takes one. For a process gone idle, so that it does not hold them (up to
+/// `MAX_SPARE_BUFS` segments) while nothing is written.
+pub fn release_spare_io_buffers() {
+    KEEP_SPARE_BUFS.store(false, SeqCst);
+    let spare = std::mem::take(&mut *SPARE_BUFS.lock());
+    drop(spare);
+}
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
+        KEEP_SPARE_BUFS.store(true, SeqCst);
+        {
+            let mut spare = SPARE_BUFS.lock();
+            if let Some(i) = spare.iter().position(|b| b.1 == len) {
+                return spare.swap_remove(i);
+            }
+        }
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
 
@@ -48,6 +78,18 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.0.is_null() {
+            return;
+        }
+        if KEEP_SPARE_BUFS.load(SeqCst) {
+            let mut spare = SPARE_BUFS.lock();
+            if spare.len() < MAX_SPARE_BUFS {
+                // Its memory moves to the list; this husk frees nothing.
+                spare.push(AlignedBuf(self.0, self.1));
+                self.0 = std::ptr::null_mut();
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.1, 8192).unwrap();
         unsafe {
             dealloc(self.0, layout);
