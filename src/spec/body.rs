@@ -1,12 +1,12 @@
 //! A request body parsed: a single call or a batch, each call normalised and validated.
 
-use serde_json::value::RawValue;
-
 use super::call::{
     Body, CallType, Endpoint, Receipt, RejectedCall, Violation, MAX_CALLS_PER_REQUEST,
+    MAX_JSON_DEPTH,
 };
 use super::normalise::{normalise, Shared};
 use super::pairs::{BatchField, BatchTop, Entries};
+use super::split::{split_object, SplitError};
 use super::validate::object_field;
 use super::value::{kind, Kind};
 
@@ -33,9 +33,15 @@ fn single_body(
     call_type: CallType,
     receipt: &mut Receipt<'_>,
 ) -> Result<Body, Violation> {
-    let top = Entries::parse(text).map_err(not_parsed)?;
-    let write_key = write_key(&top)?;
-    let call = normalise(&top, Some(call_type), None, receipt)?;
+    // serde checks the syntax (reading nothing into memory); then the call is split.
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(not_parsed)?;
+    let call = split_object(text, MAX_JSON_DEPTH).map_err(|e| match e {
+        SplitError::NotObject => Violation::new("invalid_body", "the body must be a JSON object"),
+        SplitError::Key(e) => not_parsed(e),
+        SplitError::Malformed => Violation::new("invalid_json", "the body is not valid JSON"),
+    })?;
+    let write_key = write_key(&call.entries)?;
+    let call = normalise(&call, Some(call_type), None, receipt)?;
     Ok(Body {
         write_key,
         calls: vec![call],
@@ -71,7 +77,7 @@ fn batch_body(text: &str, receipt: &mut Receipt<'_>) -> Result<Body, Violation> 
             Err(violation) => body.rejected.push(RejectedCall {
                 index,
                 violation,
-                raw: item.get().as_bytes().to_vec(),
+                raw: item.as_bytes().to_vec(),
             }),
         }
     }
@@ -79,7 +85,7 @@ fn batch_body(text: &str, receipt: &mut Receipt<'_>) -> Result<Body, Violation> 
 }
 
 /// The calls in a batch body's `batch`: an array of one to [`MAX_CALLS_PER_REQUEST`] values.
-fn batch_calls(batch: Option<BatchField<'_>>) -> Result<Vec<&RawValue>, Violation> {
+fn batch_calls(batch: Option<BatchField<'_>>) -> Result<Vec<&str>, Violation> {
     let items = match batch {
         None => return Err(Violation::new("missing_batch", "the body has no batch")),
         Some(BatchField::Calls(items)) => items,
@@ -108,12 +114,12 @@ fn batch_calls(batch: Option<BatchField<'_>>) -> Result<Vec<&RawValue>, Violatio
 /// One call of a batch, normalised with what the batch shares.
 fn batch_call(
     index: usize,
-    item: &RawValue,
+    item: &str,
     shared: &Shared<'_>,
     receipt: &mut Receipt<'_>,
 ) -> Result<Vec<u8>, Violation> {
-    match Entries::parse(item.get()) {
-        Ok(fields) => normalise(&fields, None, Some(shared), receipt),
+    match split_object(item, MAX_JSON_DEPTH) {
+        Ok(call) => normalise(&call, None, Some(shared), receipt),
         Err(_) => Err(Violation::new(
             "invalid_call",
             format!("batch[{index}] is not a JSON object"),
@@ -128,7 +134,7 @@ fn write_key(top: &Entries<'_>) -> Result<Option<String>, Violation> {
         Some(raw) => match kind(raw) {
             Kind::Null => Ok(None),
             Kind::String => {
-                let key: String = serde_json::from_str(raw.get())
+                let key: String = serde_json::from_str(raw)
                     .map_err(|_| Violation::new("invalid_write_key", "writeKey is not a string"))?;
                 Ok((!key.is_empty()).then_some(key))
             }

@@ -6,6 +6,11 @@
 //! raw values, and written back only when normalising has to change something. Values we do
 //! not touch (traits, unknown keys, `null`s, numbers) therefore reach the queue byte for byte.
 //!
+//! Each byte of a body is read twice, not more: once by serde, which checks the JSON (a
+//! batch's calls come out as raw text), and once by the split of each call into its pairs,
+//! which trusts that check and notes each value's breach of the depth and number limits as
+//! it goes, so that the call as it will be sent is judged from its parts.
+//!
 //! # Parts
 //! | file | what it is |
 //! |---|---|
@@ -13,9 +18,10 @@
 //! | `body.rs` | `parse_body`: a single call or a batch; a body's `writeKey`; a batch's calls |
 //! | `normalise.rs` | one call: its type, kept or rewritten, batch objects merged, limits checked |
 //! | `validate.rs` | the fields each call type requires; the JSON types of the others |
-//! | `pairs.rs` | an object as its ordered `(key, raw value)` pairs; a batch body in one pass |
+//! | `split.rs` | a call's object, already checked by serde, split into its pairs in one pass, each value's breach of the limits noted |
+//! | `pairs.rs` | an object as its ordered `(key, raw value)` pairs through serde; a batch body in one pass |
 //! | `value.rs` | a raw value's JSON kind, its presence, its text as a string |
-//! | `scan.rs` | the pre-scan of a call's bytes: nesting depth and the range of numbers |
+//! | `scan.rs` | the limits' scan of JSON bytes: nesting depth and the range of numbers |
 //! | `writer.rs` | a JSON object written from keys and already-serialized values |
 //! | `call.rs` | the call's types (call types, endpoints, violations, a parsed body) and limits |
 //!
@@ -26,6 +32,7 @@ mod call;
 mod normalise;
 mod pairs;
 mod scan;
+mod split;
 mod validate;
 mod value;
 mod writer;

@@ -1,5 +1,6 @@
 //! Reading a JSON object as its ordered `(key, raw value)` pairs, borrowed from the source
-//! text; a batch body read in one pass with its `batch` split into the calls' raw values.
+//! text, through serde; a batch body read in one pass with its `batch` split into the calls'
+//! raw values. (A call's own object, once serde has checked it, is split by `split.rs`.)
 
 use std::borrow::Cow;
 use std::fmt;
@@ -13,7 +14,8 @@ use super::value::{kind, Kind};
 pub(super) struct Entries<'a> {
     /// The object's own text.
     pub(super) source: &'a str,
-    pub(super) pairs: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// Each key, unescaped, with its value's JSON text as it came.
+    pub(super) pairs: Vec<(Cow<'a, str>, &'a str)>,
 }
 
 impl<'a> Entries<'a> {
@@ -28,7 +30,7 @@ impl<'a> Entries<'a> {
     }
 
     /// The last value under `key`, as JSON parsers that keep one value per key would see it.
-    pub(super) fn get(&self, key: &str) -> Option<&'a RawValue> {
+    pub(super) fn get(&self, key: &str) -> Option<&'a str> {
         self.pairs
             .iter()
             .rev()
@@ -52,7 +54,7 @@ pub(super) struct BatchTop<'a> {
 /// The value of a batch body's `batch` key: the calls' raw values, or word that it is not an
 /// array.
 pub(super) enum BatchField<'a> {
-    Calls(Vec<&'a RawValue>),
+    Calls(Vec<&'a str>),
     NotArray,
 }
 
@@ -78,7 +80,10 @@ impl<'a> BatchTop<'a> {
         let batch = match entries.get("batch") {
             None => None,
             Some(raw) if kind(raw) == Kind::Array => {
-                Some(BatchField::Calls(serde_json::from_str(raw.get())?))
+                let calls: Vec<&RawValue> = serde_json::from_str(raw)?;
+                Some(BatchField::Calls(
+                    calls.into_iter().map(RawValue::get).collect(),
+                ))
             }
             Some(_) => Some(BatchField::NotArray),
         };
@@ -89,7 +94,7 @@ impl<'a> BatchTop<'a> {
 
 /// What serde reads for [`BatchTop::parse`]: the pairs other than `batch`, and `batch` split.
 struct BatchPairs<'a> {
-    pairs: Vec<(Cow<'a, str>, &'a RawValue)>,
+    pairs: Vec<(Cow<'a, str>, &'a str)>,
     batch: Option<BatchField<'a>>,
 }
 
@@ -109,7 +114,7 @@ impl<'de> Deserialize<'de> for BatchPairs<'de> {
                         // The last one counts, as for any other key.
                         batch = Some(map.next_value::<BatchField<'de>>()?);
                     } else {
-                        pairs.push((key, map.next_value::<&'de RawValue>()?));
+                        pairs.push((key, map.next_value::<&'de RawValue>()?.get()));
                     }
                 }
                 Ok(BatchPairs { pairs, batch })
@@ -130,7 +135,7 @@ impl<'de> Deserialize<'de> for BatchField<'de> {
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut calls = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
                 while let Some(call) = seq.next_element::<&'de RawValue>()? {
-                    calls.push(call);
+                    calls.push(call.get());
                 }
                 Ok(BatchField::Calls(calls))
             }
@@ -165,7 +170,7 @@ impl<'de> Deserialize<'de> for BatchField<'de> {
 }
 
 /// What serde reads for [`Entries::parse`]: an object's pairs, in order.
-struct Pairs<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+struct Pairs<'a>(Vec<(Cow<'a, str>, &'a str)>);
 
 impl<'de> Deserialize<'de> for Pairs<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -178,7 +183,7 @@ impl<'de> Deserialize<'de> for Pairs<'de> {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(16));
                 while let Some(Key(key)) = map.next_key()? {
-                    pairs.push((key, map.next_value::<&'de RawValue>()?));
+                    pairs.push((key, map.next_value::<&'de RawValue>()?.get()));
                 }
                 Ok(Pairs(pairs))
             }
@@ -223,10 +228,10 @@ mod tests {
                 .entries
                 .pairs
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.get().to_owned()))
+                .map(|(k, v)| (k.to_string(), (*v).to_owned()))
                 .collect();
             let batch = top.batch.map(|b| match b {
-                BatchField::Calls(calls) => calls.iter().map(|c| c.get().to_owned()).collect(),
+                BatchField::Calls(calls) => calls.iter().map(|c| (*c).to_owned()).collect(),
                 BatchField::NotArray => vec!["not an array".to_owned()],
             });
             (top.entries.source.to_owned(), pairs, batch)

@@ -2,7 +2,7 @@
 //! numbers no 64-bit float can hold.
 
 /// What one pass over the raw bytes, before parsing, refuses.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Scan {
     Fine,
     /// Brackets outside strings nest deeper than the limit.
@@ -21,18 +21,10 @@ pub(super) fn scan(bytes: &[u8], depth_limit: usize) -> Scan {
         let b = bytes[i];
         match b {
             b'"' => {
-                // Most of a call is strings: jump to the quote that ends this one.
-                i += 1;
-                loop {
-                    match memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..]) {
-                        // Unterminated: the parser's to report.
-                        None => return Scan::Fine,
-                        Some(n) if bytes[i + n] == b'\\' => i += n + 2,
-                        Some(n) => {
-                            i += n + 1;
-                            break;
-                        }
-                    }
+                match string_end(bytes, i) {
+                    Some(end) => i = end,
+                    // Unterminated: the parser's to report.
+                    None => return Scan::Fine,
                 }
                 continue;
             }
@@ -58,9 +50,24 @@ pub(super) fn scan(bytes: &[u8], depth_limit: usize) -> Scan {
     Scan::Fine
 }
 
+/// One past the quote that ends the string whose opening quote is at `i`; `None` when it
+/// does not end. Most of a call is strings, so this jumps from one quote or backslash to
+/// the next.
+pub(super) fn string_end(bytes: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        let n = memchr::memchr2(b'"', b'\\', bytes.get(i..)?)?;
+        if bytes[i + n] == b'\\' {
+            i += n + 2;
+        } else {
+            return Some(i + n + 1);
+        }
+    }
+}
+
 /// Where the number starting at `i` ends, and whether no 64-bit float can hold it. A
 /// malformed number is the parser's to report.
-fn number_at(bytes: &[u8], i: usize) -> (usize, bool) {
+pub(super) fn number_at(bytes: &[u8], i: usize) -> (usize, bool) {
     let end = bytes[i..]
         .iter()
         .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))

@@ -2,8 +2,6 @@
 //! types of the fields it gives rules for. Checks run in a fixed order and the first failure is
 //! the one reported.
 
-use serde_json::value::RawValue;
-
 use super::call::{CallType, Violation, MAX_MESSAGE_ID_CHARS};
 use super::pairs::Entries;
 use super::value::{kind, present, string_value, Kind};
@@ -58,7 +56,7 @@ fn check_required(fields: &Entries<'_>, call_type: CallType) -> Result<(), Viola
 /// A track's `event`: required, a non-empty string.
 fn check_event(fields: &Entries<'_>) -> Result<(), Violation> {
     match present(fields.get("event")) {
-        Some(raw) if kind(raw) == Kind::String && raw.get() != "\"\"" => Ok(()),
+        Some(raw) if kind(raw) == Kind::String && raw != "\"\"" => Ok(()),
         Some(_) => Err(Violation::new(
             "invalid_event",
             "event must be a non-empty string",
@@ -116,7 +114,7 @@ fn check_timestamp(fields: &Entries<'_>) -> Result<(), Violation> {
 fn has_id(fields: &Entries<'_>, name: &str) -> bool {
     match fields.get(name) {
         Some(raw) => match kind(raw) {
-            Kind::String => raw.get() != "\"\"",
+            Kind::String => raw != "\"\"",
             Kind::Number => true,
             _ => false,
         },
@@ -129,7 +127,7 @@ pub(super) fn object_field<'a>(
     fields: &Entries<'a>,
     name: &str,
     code: &'static str,
-) -> Result<Option<&'a RawValue>, Violation> {
+) -> Result<Option<&'a str>, Violation> {
     match present(fields.get(name)) {
         None => Ok(None),
         Some(raw) if kind(raw) == Kind::Object => Ok(Some(raw)),

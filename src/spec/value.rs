@@ -3,8 +3,6 @@
 
 use std::borrow::Cow;
 
-use serde_json::value::RawValue;
-
 /// The JSON type of a raw value, read from its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -16,8 +14,8 @@ pub(super) enum Kind {
     Object,
 }
 
-pub(super) fn kind(raw: &RawValue) -> Kind {
-    match raw.get().as_bytes().first() {
+pub(super) fn kind(raw: &str) -> Kind {
+    match raw.as_bytes().first() {
         Some(b'n') => Kind::Null,
         Some(b't' | b'f') => Kind::Bool,
         Some(b'"') => Kind::String,
@@ -28,14 +26,13 @@ pub(super) fn kind(raw: &RawValue) -> Kind {
 }
 
 /// A field that is present and not `null`.
-pub(super) fn present(raw: Option<&RawValue>) -> Option<&RawValue> {
+pub(super) fn present(raw: Option<&str>) -> Option<&str> {
     raw.filter(|r| kind(r) != Kind::Null)
 }
 
 /// A raw JSON string's text: borrowed when it has no escapes to undo (every call's `type`
 /// does), `None` when the value is not a string.
-pub(super) fn string_value(raw: &RawValue) -> Option<Cow<'_, str>> {
-    let text = raw.get();
+pub(super) fn string_value(text: &str) -> Option<Cow<'_, str>> {
     match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
         Some(inner) if !inner.contains('\\') => Some(Cow::Borrowed(inner)),
         _ => serde_json::from_str(text).ok(),
