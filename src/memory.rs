@@ -29,8 +29,8 @@ pub enum MemoryProfile {
     /// RSS, at rest and under load.
     #[default]
     Lean,
-    /// Large blocks kept in the heap and reused: up to a quarter less CPU per call under
-    /// batch traffic (9-27 % measured), for about twice the RSS under that load and 10-30 MB more at rest.
+    /// Large blocks kept in the heap and reused, for about twice the RSS under batch load and
+    /// 10-30 MB more at rest. What it saves in CPU is measured in the README ("Performance").
     Throughput,
 }
 
