@@ -221,13 +221,13 @@ async fn committer(
     // The first tick a period from now: a fresh start has nothing to flush.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Whether sled's spare log buffers were handed back since the last write.
+    // Whether sled's spare log buffers were handed back since the last flush (a flush follows
+    // every write, in both modes).
     let mut released = false;
     loop {
         // Clean and not stopping: no tick until something is written (an idle daemon does
         // not wake every period); then the next periodic flush is a period away.
         let idle = !shared.dirty.load(Ordering::SeqCst) && !shared.stopping.load(Ordering::SeqCst);
-        released &= idle;
         tokio::select! {
             _ = shared.wake.notified() => {}
             _ = shared.dirtied.notified(), if idle => {
@@ -255,6 +255,7 @@ async fn committer(
         answering.taken = shared.take_answers();
         let covered = before_flush();
         let error = flush(&db).await;
+        released = false;
         if error.is_none() {
             after_flush(covered);
             if shared.durable_end.fetch_max(covered, Ordering::SeqCst) < covered {

@@ -6,7 +6,7 @@ use super::call::{
 };
 use super::normalise::{normalise, Shared};
 use super::pairs::{BatchField, BatchTop, Entries};
-use super::split::{split_object, SplitError};
+use super::split::split_object;
 use super::validate::object_field;
 use super::value::{kind, Kind};
 
@@ -33,13 +33,19 @@ fn single_body(
     call_type: CallType,
     receipt: &mut Receipt<'_>,
 ) -> Result<Body, Violation> {
-    // serde checks the syntax (reading nothing into memory); then the call is split.
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(not_parsed)?;
-    let call = split_object(text, MAX_JSON_DEPTH).map_err(|e| match e {
-        SplitError::NotObject => Violation::new("invalid_body", "the body must be a JSON object"),
-        SplitError::Key(e) => not_parsed(e),
-        SplitError::Malformed => Violation::new("invalid_json", "the body is not valid JSON"),
-    })?;
+    // serde checks the syntax (reading nothing into memory); then the call is split. A body
+    // refused is refused for the reason serde's reading of it as an object gives, as before
+    // the split: a body that is not an object is told by its first token.
+    let checked = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+    let Some(call) = checked
+        .then(|| split_object(text, MAX_JSON_DEPTH).ok())
+        .flatten()
+    else {
+        return Err(match Entries::parse(text) {
+            Err(e) => not_parsed(e),
+            Ok(_) => Violation::new("invalid_json", "the body is not valid JSON"),
+        });
+    };
     let write_key = write_key(&call.entries)?;
     let call = normalise(&call, Some(call_type), None, receipt)?;
     Ok(Body {
@@ -153,5 +159,79 @@ fn not_parsed(e: serde_json::Error) -> Violation {
             Violation::new("invalid_body", "the body must be a JSON object")
         }
         _ => Violation::new("invalid_json", format!("the body is not valid JSON: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(endpoint: Endpoint, body: &str) -> &'static str {
+        let mut id = || "generated".to_owned();
+        let mut receipt = Receipt {
+            timestamp: "2026-12-03T00:00:00.000Z",
+            new_message_id: &mut id,
+        };
+        parse_body(endpoint, body.as_bytes(), &mut receipt)
+            .err()
+            .map_or("accepted", |v| v.code)
+    }
+
+    /// A single call's body is refused for the reason serde's reading of it as an object
+    /// gives: a body that is not an object is told by its first token, broken or not.
+    #[test]
+    fn a_single_call_body_is_refused_as_serde_reads_it() {
+        let group = Endpoint::Single(CallType::Group);
+        for (body, code) in [
+            ("[1,", "invalid_body"),
+            ("[}", "invalid_body"),
+            ("null x", "invalid_body"),
+            ("1 2", "invalid_body"),
+            ("truex", "invalid_body"),
+            ("[]", "invalid_body"),
+            ("1e400", "invalid_json"),
+            (r#""\ud800""#, "invalid_json"),
+            ("", "invalid_json"),
+            ("  ", "invalid_json"),
+            ("x", "invalid_json"),
+            (r#"{"userId":"u","groupId":"g""#, "invalid_json"),
+            (r#"{"userId":"u","groupId":"g"} x"#, "invalid_json"),
+            (r#"{"\ud800":1,"userId":"u","groupId":"g"}"#, "invalid_json"),
+            (
+                r#"{"userId":"u","groupId":"g","traits":{"n":1e400}}"#,
+                "number_out_of_range",
+            ),
+            (r#" {"userId":"u","groupId":"g"} "#, "accepted"),
+        ] {
+            assert_eq!(refusal(group, body), code, "{body}");
+        }
+    }
+
+    /// In a batch, a call that is not an object, or has a key serde cannot read, is refused
+    /// alone.
+    #[test]
+    fn a_batch_call_that_does_not_split_is_refused_alone() {
+        let mut id = || "generated".to_owned();
+        let mut receipt = Receipt {
+            timestamp: "2026-12-03T00:00:00.000Z",
+            new_message_id: &mut id,
+        };
+        let body =
+            r#"{"batch":[[1],{"\ud800":1},"x",{"type":"group","userId":"u","groupId":"g"}]}"#;
+        let parsed = parse_body(Endpoint::Batch, body.as_bytes(), &mut receipt).unwrap();
+        assert_eq!(parsed.calls.len(), 1);
+        let refused: Vec<(usize, &str)> = parsed
+            .rejected
+            .iter()
+            .map(|r| (r.index, r.violation.code))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (0, "invalid_call"),
+                (1, "invalid_call"),
+                (2, "invalid_call")
+            ]
+        );
     }
 }

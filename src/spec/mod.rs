@@ -6,10 +6,12 @@
 //! raw values, and written back only when normalising has to change something. Values we do
 //! not touch (traits, unknown keys, `null`s, numbers) therefore reach the queue byte for byte.
 //!
-//! Each byte of a body is read twice, not more: once by serde, which checks the JSON (a
-//! batch's calls come out as raw text), and once by the split of each call into its pairs,
-//! which trusts that check and notes each value's breach of the depth and number limits as
-//! it goes, so that the call as it will be sent is judged from its parts.
+//! A call's bytes are read by serde once, which checks the JSON (a batch's calls come out as
+//! raw text), then once by the split of the call into its pairs, which trusts that check and
+//! notes each value's breach of the depth and number limits as it goes, so that the call as
+//! it will be sent is judged from its parts; and once more as they are copied out. Only a
+//! batch's shared `context` and `integrations`, merged into each call that takes them, are
+//! read again for each such call.
 //!
 //! # Parts
 //! | file | what it is |

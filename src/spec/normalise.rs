@@ -40,6 +40,13 @@ pub(super) fn normalise(
     } else {
         rewrite(call, call_type, shared, receipt)
     };
+    // Judged from the parts; a scan of the bytes must agree (the tests and the fuzzer run
+    // with this check).
+    debug_assert_eq!(
+        flaw,
+        scan(&bytes, MAX_JSON_DEPTH),
+        "the limits from the parts"
+    );
     // Checked on the call as it will be sent (batch context merged in), so that in a batch
     // only the call is refused, never its neighbours.
     check_as_sent(&bytes, flaw)?;

@@ -1,7 +1,8 @@
-//! The pre-scan: one pass over a call's bytes, no parsing, that refuses nesting too deep and
-//! numbers no 64-bit float can hold.
+//! The limits' scan: one pass over JSON bytes, no parsing, that finds nesting too deep and
+//! numbers no 64-bit float can hold; and the two steps it shares with the split
+//! (`split.rs`), a string's end and a number's.
 
-/// What one pass over the raw bytes, before parsing, refuses.
+/// What the limits refuse in a call's bytes, the first found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Scan {
     Fine,
@@ -12,8 +13,9 @@ pub(super) enum Scan {
     NumberOutOfRange,
 }
 
-/// One pass over the body, no parsing, so it is safe on any input: nesting depth and the
-/// range of numbers, both outside strings.
+/// One pass over `bytes`, no parsing, so it is safe on any input: nesting depth and the
+/// range of numbers, both outside strings. (A call's own values are judged by the split as
+/// it reads them; this scans the batch objects merged into a call.)
 pub(super) fn scan(bytes: &[u8], depth_limit: usize) -> Scan {
     let mut depth = 0usize;
     let mut i = 0;

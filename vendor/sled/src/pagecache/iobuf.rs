@@ -58,6 +58,11 @@ pub fn release_spare_io_buffers() {
     drop(spare);
 }
 
+/// grouprelay: how many freed segment buffers are kept for reuse now.
+pub fn spare_io_buffers() -> usize {
+    SPARE_BUFS.lock().len()
+}
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
         KEEP_SPARE_BUFS.store(true, SeqCst);

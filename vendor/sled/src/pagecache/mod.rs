@@ -62,7 +62,7 @@ pub use self::{
         SEG_HEADER_LEN,
     },
     disk_pointer::DiskPtr,
-    iobuf::release_spare_io_buffers,
+    iobuf::{release_spare_io_buffers, spare_io_buffers},
     logger::{Log, LogRead},
 };
 
