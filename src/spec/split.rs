@@ -44,7 +44,7 @@ pub(super) fn split_object(source: &str, depth_limit: usize) -> Result<Split<'_>
     let mut pairs = Vec::with_capacity(16);
     let mut flaws = Vec::with_capacity(16);
     let mut i = skip_space(bytes, 1);
-    if bytes.get(i) == Some(&b'}') {
+    if bytes.get(i) == Some(&b'}') && i + 1 == bytes.len() {
         return Ok(Split {
             entries: Entries {
                 source: trimmed,
