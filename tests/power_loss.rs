@@ -631,8 +631,6 @@ async fn stopped_at_failpoint(
     }
 }
 
-/// Opens the queue left by a stopped daemon: the dead letters' ids, and whether the books
-/// balance, nothing is pending after the drain, and the stored-bytes count equals a recount.
 /// An empty queue database with sled's 512 KiB log segments, as grouprelay created them
 /// before 2026-12-03 (it keeps them: sled refuses another size), made durable before the
 /// daemon starts on it.
@@ -656,6 +654,8 @@ fn legacy_database(data_dir: &Path) {
     }
 }
 
+/// Opens the queue left by a stopped daemon: the dead letters' ids, and whether the books
+/// balance, nothing is pending after the drain, and the stored-bytes count equals a recount.
 async fn read_books(data_dir: &Path) -> (HashSet<String>, Result<(), String>) {
     let (dead, books) = stopped_queue(data_dir, |queue| {
         let dead: HashSet<String> = queue
