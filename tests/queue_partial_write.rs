@@ -22,13 +22,14 @@ async fn a_write_failing_part_way_through_a_round_refuses_only_the_unwritten_req
     let queue = Queue::open(QueueOptions::new(dir.path())).unwrap();
     assert_eq!(queue.stored_bytes(), queue.recount_stored_bytes().unwrap());
 
-    // Six requests of 16 KB: no two fit in one chunk (at most 27,962 bytes in a new
-    // database, a 75th of its 2 MiB log segment), so each is a sled write of its own. On this one thread all six are pending before the first (the writer, which
-    // yields once) writes, so they make one round.
+    // Six requests of 45 KB: no two fit in one chunk (at most 80,659 bytes in a new
+    // database, a 26th of its 2 MiB log segment), so each is a sled write of its own. On
+    // this one thread all six are pending before the first (the writer, which yields once)
+    // writes, so they make one round.
     let appends: Vec<_> = (0..6)
         .map(|i| {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.append("key", 1, &[call(i, 16_000)], &[]).await })
+            tokio::spawn(async move { queue.append("key", 1, &[call(i, 45_000)], &[]).await })
         })
         .collect();
     let mut outcomes = Vec::new();

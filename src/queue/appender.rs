@@ -28,17 +28,34 @@ use super::error::QueueError;
 use super::keys::chunk_key;
 use super::options::Durability;
 use super::record::{self, CHUNK_HEADER_LEN};
+use super::sled_config::LEAF_SPLIT_BYTES;
 
-/// A chunk's record bytes are at most this share of sled's log segment: a leaf holds up to
-/// 17 chunks before it splits, and must stay under a quarter of a segment, past which sled
-/// writes it to a blob file of its own (see `sled_config`). 17 x 1/75 is under a quarter,
-/// with room for keys and sled's own framing. 6,990 bytes for 512 KiB segments, 27,962 for
-/// 2 MiB.
-const CHUNKS_PER_SEGMENT: usize = 75;
+/// A chunk's record bytes are at most this share of sled's log segment, where leaves of such
+/// chunks stay under a quarter of a segment, past which sled writes a leaf to a blob file of
+/// its own at every change (see `sled_config`). Our sled splits a leaf past
+/// [`LEAF_SPLIT_BYTES`] once it has 4 keys, so a leaf holds at most that and one more
+/// chunk, and a merge can add one more: with 2 MiB segments a 26th, 80,659 bytes, so that a
+/// 100-call request (about 65 KB) is one chunk and one sled insert.
+const CHUNKS_PER_SEGMENT: usize = 26;
+
+/// The share for segments too small for [`CHUNKS_PER_SEGMENT`] (a database created before
+/// 2026-12-03 has 512 KiB ones): a 75th, 6,990 bytes, which the leaf's key count bounds
+/// instead (sled splits past 16 keys; 18 chunks, with a merge, are under a quarter).
+const CHUNKS_PER_SMALL_SEGMENT: usize = 75;
+
+/// Room for sled's own framing of a leaf: its keys, lengths and message header.
+const LEAF_FRAMING_BYTES: usize = 16 << 10;
 
 /// Most record bytes in one chunk of a database whose log segments are `segment_bytes`.
 pub fn chunk_bytes(segment_bytes: usize) -> usize {
-    segment_bytes / CHUNKS_PER_SEGMENT
+    let blob_bytes = segment_bytes / 4;
+    let chunk = segment_bytes / CHUNKS_PER_SEGMENT;
+    let largest_leaf = LEAF_SPLIT_BYTES as usize + 2 * chunk + LEAF_FRAMING_BYTES;
+    if largest_leaf < blob_bytes {
+        chunk
+    } else {
+        segment_bytes / CHUNKS_PER_SMALL_SEGMENT
+    }
 }
 
 /// Rounds one writer writes before it hands the rest to a fresh task, so that its own

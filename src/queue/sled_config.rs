@@ -2,20 +2,26 @@
 //! rebuild's copy agree; and the log segment size, which a database keeps for life.
 //!
 //! The segment size bounds the chunks: sled writes a log message over a quarter of a segment
-//! (a leaf, say) to a *blob* file of its own, synced on its own, and a leaf holds up to 17
-//! keys before it splits. So chunks stay small enough that a full leaf of them is an ordinary
-//! log message, and bigger segments allow bigger chunks: fewer sled keys per request, and
-//! sled's cost is per key far more than per byte.
+//! (a leaf, say) to a *blob* file of its own, synced on its own, and sled splits a leaf past
+//! 16 keys, or, as we ask our sled to, past [`LEAF_SPLIT_BYTES`]. So chunks stay small
+//! enough that a full leaf of them is an ordinary log message (`appender::chunk_bytes`), and
+//! bigger segments allow bigger chunks: fewer sled keys per request, and sled's cost is per
+//! key far more than per byte.
 
 use std::path::Path;
 
 /// sled's log segment for a database created now: 2 MiB, so that a 100-call batch request
-/// (about 70 KB) is three chunks rather than ten.
+/// (about 65 KB) is one chunk rather than ten.
 pub const SEGMENT_BYTES: usize = 2 << 20;
 /// The segment of every database created before [`SEGMENT_BYTES`] (sled's default). Such a
 /// database keeps it (sled refuses to open a database with another) until a rebuild copies
 /// it into a new one.
 pub const LEGACY_SEGMENT_BYTES: usize = 512 << 10;
+/// A leaf of the queue splits once its keys and values pass this many bytes (and it has 4
+/// keys), not only past 16 keys: so a leaf of 2 MiB-segment chunks, up to 80 KB each, stays
+/// under a quarter of the segment, which lets a 100-call request be one chunk. Not recorded
+/// in the database: it only decides when sled splits and merges leaves.
+pub const LEAF_SPLIT_BYTES: u64 = 300_000;
 /// Where sled keeps a database's settings, beside its log.
 const SLED_CONF_FILE: &str = "conf";
 /// sled's log file.
@@ -23,13 +29,14 @@ const SLED_LOG_FILE: &str = "db";
 
 /// The sled configuration for the database at `path`, whose segment size is
 /// `segment_bytes` (see [`segment_bytes`]), with no flusher of sled's own (the committer
-/// owns flushing: sled's flusher would race it).
+/// owns flushing: sled's flusher would race it) and leaves split by bytes too.
 pub(super) fn config(path: &Path, cache_bytes: u64, segment_bytes: usize) -> sled::Config {
     sled::Config::new()
         .path(path)
         .cache_capacity(cache_bytes)
         .segment_size(segment_bytes)
         .flush_every_ms(None)
+        .leaf_split_bytes(Some(LEAF_SPLIT_BYTES))
 }
 
 /// The segment size of the database at `path`: what sled recorded when it created it, or

@@ -209,6 +209,9 @@ pub struct Inner {
     pub print_profile_on_drop: bool,
     #[doc(hidden)]
     pub idgen_persist_interval: u64,
+    /// grouprelay: see `Config::leaf_split_bytes`.
+    #[doc(hidden)]
+    pub leaf_split_bytes: Option<u64>,
     #[doc(hidden)]
     pub version: (usize, usize),
     tmp_path: PathBuf,
@@ -237,6 +240,7 @@ impl Default for Inner {
             print_profile_on_drop: false,
             flush_every_ms: Some(500),
             idgen_persist_interval: 1_000_000,
+            leaf_split_bytes: None,
             global_error: Arc::new(Atomic::default()),
             #[cfg(feature = "event_log")]
             event_log: Arc::new(crate::event_log::EventLog::default()),
@@ -312,6 +316,19 @@ impl Config {
     /// Returns a default `Config`
     pub fn new() -> Config {
         Config::default()
+    }
+
+    /// grouprelay: split a leaf once its keys and values take more than this many bytes and
+    /// it has 4 keys, whatever its key count, and merge a leaf only below 2 keys (4 without
+    /// this), so that both sides of such a split stay. sled splits a leaf only past 16 keys,
+    /// so a leaf of large values grows past a quarter of a log segment, and sled writes such
+    /// a leaf to a blob file of its own at every change; with this a leaf stays under about
+    /// this many bytes plus two of its largest values. `None`, the default, is sled's own
+    /// rule. Not stored with the database: it only decides when to split and merge.
+    pub fn leaf_split_bytes(mut self, to: Option<u64>) -> Self {
+        let m = Arc::make_mut(&mut self.0);
+        m.leaf_split_bytes = to;
+        self
     }
 
     /// Set the path of the database (builder).

@@ -13,12 +13,24 @@ pub struct Node {
     pub(crate) data: Data,
 }
 
-/// A leaf with fewer keys than this is merged into its left sibling (`should_merge`).
+/// A leaf with fewer keys than this is merged into its left sibling (`should_merge`), in a
+/// database that splits leaves by key count alone (sled's own rule).
 const LEAF_MERGE_BELOW: usize = 4;
 
-/// grouprelay: keys the right side of a split rightmost leaf keeps: the fewest that
-/// `should_merge` leaves alone, so that the split is not merged straight back.
-const RIGHTMOST_SPLIT_KEEPS: usize = LEAF_MERGE_BELOW;
+/// grouprelay: the same bound in a database that also splits leaves by their bytes
+/// (`Config::leaf_split_bytes`): 2, so that such a leaf can split once it has 4 keys, each
+/// side keeping 2.
+const BYTE_SPLIT_LEAF_MERGE_BELOW: usize = 2;
+
+/// Keys below which a leaf merges into its left sibling, in a database whose leaves also
+/// split past `leaf_split_bytes` bytes, if that is set.
+fn leaf_merge_below(leaf_split_bytes: Option<u64>) -> usize {
+    if leaf_split_bytes.is_some() {
+        BYTE_SPLIT_LEAF_MERGE_BELOW
+    } else {
+        LEAF_MERGE_BELOW
+    }
+}
 
 impl Node {
     pub(crate) fn new_hoisted_root(
@@ -170,13 +182,16 @@ impl Node {
         true
     }
 
-    pub(crate) fn split(mut self) -> (Node, Node) {
+    /// Splits the node in two. `leaf_split_bytes` is the database's
+    /// `Config::leaf_split_bytes`, which sets how few keys a side of a split leaf may keep.
+    pub(crate) fn split(mut self, leaf_split_bytes: Option<u64>) -> (Node, Node) {
         fn split_inner<T>(
             keys: &mut Vec<IVec>,
             values: &mut Vec<T>,
             old_prefix: &[u8],
             old_hi: &[u8],
             suffix_truncation: bool,
+            merge_below: usize,
         ) -> (IVec, u8, Vec<IVec>, Vec<T>)
         where
             T: Clone + Ord,
@@ -186,13 +201,19 @@ impl Node {
             // split leaves a half-full leaf behind that is never added to again, and the
             // next split comes after half a leaf of inserts; splitting near the end leaves
             // full leaves and splits after 13 inserts instead of 8 (each split rewrites both
-            // halves). The right side keeps `RIGHTMOST_SPLIT_KEEPS` keys: with fewer,
-            // `should_merge` would merge it straight back, and the two would loop.
+            // halves). The right side keeps `merge_below` keys, the fewest `should_merge`
+            // leaves alone: with fewer it would merge the right side straight back, and the
+            // two would loop.
+            //
+            // A leaf split for its bytes may have as few as `2 * merge_below` keys, so a
+            // middle split is held to leave at least `merge_below` on the right too.
             let split_point = if suffix_truncation
                 && old_hi.is_empty()
-                && keys.len() >= 2 * RIGHTMOST_SPLIT_KEEPS
+                && keys.len() >= 2 * merge_below
             {
-                keys.len() - RIGHTMOST_SPLIT_KEEPS
+                keys.len() - merge_below
+            } else if suffix_truncation {
+                (keys.len() / 2 + 1).min(keys.len() - merge_below)
             } else {
                 keys.len() / 2 + 1
             };
@@ -262,6 +283,7 @@ impl Node {
             )
         }
 
+        let merge_below = leaf_merge_below(leaf_split_bytes);
         let prefixed_lo = &self.lo[..self.prefix_len as usize];
         let prefixed_hi = &self.hi;
         let (split, right_prefix_len, right_data) = match self.data {
@@ -273,6 +295,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         false,
+                        merge_below,
                     );
 
                 (
@@ -292,6 +315,7 @@ impl Node {
                         prefixed_lo,
                         prefixed_hi,
                         true,
+                        merge_below,
                     );
 
                 (
@@ -617,7 +641,10 @@ impl Node {
         }
     }
 
-    pub(crate) fn should_split(&self) -> bool {
+    /// Whether the node should split: past 16 keys (256 for an index), or, where the
+    /// database sets `Config::leaf_split_bytes`, a leaf past that many bytes with keys enough
+    /// for each side to keep what `should_merge` leaves alone.
+    pub(crate) fn should_split(&self, leaf_split_bytes: Option<u64>) -> bool {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
         } else if self.data.is_index() {
@@ -626,19 +653,27 @@ impl Node {
             16
         };
 
-        let size_checks = self.data.len() > threshold;
+        let too_many_bytes = leaf_split_bytes.map_or(false, |split_bytes| {
+            !self.data.is_index()
+                && !cfg!(any(test, feature = "lock_free_delays"))
+                && self.data.len() >= 2 * BYTE_SPLIT_LEAF_MERGE_BELOW
+                && self.data.rss() > split_bytes
+        });
+        let size_checks = self.data.len() > threshold || too_many_bytes;
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks
     }
 
-    pub(crate) fn should_merge(&self) -> bool {
+    /// Whether the node should merge into its left sibling; `leaf_split_bytes` as for
+    /// `should_split`.
+    pub(crate) fn should_merge(&self, leaf_split_bytes: Option<u64>) -> bool {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             1
         } else if self.data.is_index() {
             64
         } else {
-            LEAF_MERGE_BELOW
+            leaf_merge_below(leaf_split_bytes)
         };
 
         let size_checks = self.data.len() < threshold;
