@@ -22,6 +22,11 @@ pub const LEGACY_SEGMENT_BYTES: usize = 512 << 10;
 /// under a quarter of the segment, which lets a 100-call request be one chunk. Not recorded
 /// in the database: it only decides when sled splits and merges leaves.
 pub const LEAF_SPLIT_BYTES: u64 = 300_000;
+/// A writer waits (up to a second) before it adds to sled's log while more than this much of
+/// the log is reserved but not yet written to the file: four 2 MiB segments. Without it,
+/// writers that outrun the disk (`interval` mode under heavy batch load) pile sealed segment
+/// buffers up in memory: hundreds of MB for a moment, and p99 past half a second.
+pub const MAX_UNWRITTEN_LOG_BYTES: u64 = 8 << 20;
 /// Where sled keeps a database's settings, beside its log.
 const SLED_CONF_FILE: &str = "conf";
 /// sled's log file.
@@ -29,7 +34,8 @@ const SLED_LOG_FILE: &str = "db";
 
 /// The sled configuration for the database at `path`, whose segment size is
 /// `segment_bytes` (see [`segment_bytes`]), with no flusher of sled's own (the committer
-/// owns flushing: sled's flusher would race it) and leaves split by bytes too.
+/// owns flushing: sled's flusher would race it), leaves split by bytes too, and writers held
+/// back while the disk is behind.
 pub(super) fn config(path: &Path, cache_bytes: u64, segment_bytes: usize) -> sled::Config {
     sled::Config::new()
         .path(path)
@@ -37,6 +43,7 @@ pub(super) fn config(path: &Path, cache_bytes: u64, segment_bytes: usize) -> sle
         .segment_size(segment_bytes)
         .flush_every_ms(None)
         .leaf_split_bytes(Some(LEAF_SPLIT_BYTES))
+        .max_unwritten_log_bytes(Some(MAX_UNWRITTEN_LOG_BYTES))
 }
 
 /// The segment size of the database at `path`: what sled recorded when it created it, or

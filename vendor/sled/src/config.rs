@@ -212,6 +212,9 @@ pub struct Inner {
     /// grouprelay: see `Config::leaf_split_bytes`.
     #[doc(hidden)]
     pub leaf_split_bytes: Option<u64>,
+    /// grouprelay: see `Config::max_unwritten_log_bytes`.
+    #[doc(hidden)]
+    pub max_unwritten_log_bytes: Option<u64>,
     #[doc(hidden)]
     pub version: (usize, usize),
     tmp_path: PathBuf,
@@ -241,6 +244,7 @@ impl Default for Inner {
             flush_every_ms: Some(500),
             idgen_persist_interval: 1_000_000,
             leaf_split_bytes: None,
+            max_unwritten_log_bytes: None,
             global_error: Arc::new(Atomic::default()),
             #[cfg(feature = "event_log")]
             event_log: Arc::new(crate::event_log::EventLog::default()),
@@ -328,6 +332,18 @@ impl Config {
     pub fn leaf_split_bytes(mut self, to: Option<u64>) -> Self {
         let m = Arc::make_mut(&mut self.0);
         m.leaf_split_bytes = to;
+        self
+    }
+
+    /// grouprelay: before it reserves log space, a writer waits while more than this many
+    /// bytes of the log are reserved but not yet written to the file, unless it already holds
+    /// a reservation (a batch's), and for at most a second. sled seals a full log buffer and
+    /// hands its write to its I/O threads without a bound: when writers outrun the disk, the
+    /// sealed buffers (a segment each) pile up in memory. `None`, the default, is sled's own
+    /// behaviour. Not stored with the database.
+    pub fn max_unwritten_log_bytes(mut self, to: Option<u64>) -> Self {
+        let m = Arc::make_mut(&mut self.0);
+        m.max_unwritten_log_bytes = to;
         self
     }
 

@@ -11,6 +11,19 @@ use super::{
 
 use crate::*;
 
+use std::cell::Cell;
+
+thread_local! {
+    /// grouprelay: log reservations this thread holds (reserved, neither completed nor
+    /// aborted), for `Log::wait_for_unwritten_log`.
+    pub(super) static RESERVATIONS_HELD: Cell<usize> = Cell::new(0);
+}
+
+/// grouprelay: the longest a writer waits for the log's unwritten bytes to fall under
+/// `Config::max_unwritten_log_bytes`: past it, it goes on, so a wait can slow writers but
+/// never stop them.
+const UNWRITTEN_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A sequential store which allows users to create
 /// reservations placed at known log offsets, used
 /// for writing persistent data structures that need
@@ -149,6 +162,40 @@ impl Log {
         self.reserve_inner(log_kind, pid, item, None, guard)
     }
 
+    /// grouprelay: waits while more than `Config::max_unwritten_log_bytes` of the log are
+    /// reserved but not yet written, at most `UNWRITTEN_WAIT_LIMIT`. Not while this thread
+    /// holds a reservation: its buffer cannot be written until that is done, and the wait
+    /// could be for it. The bound is at least a segment, so the bytes waited for are in
+    /// sealed buffers, whose writes are already under way.
+    fn wait_for_unwritten_log(&self) -> Result<()> {
+        let Some(limit) = self.config.max_unwritten_log_bytes else {
+            return Ok(());
+        };
+        if RESERVATIONS_HELD.with(Cell::get) > 0 {
+            return Ok(());
+        }
+        let limit = limit.max(self.config.segment_size as u64);
+        let target = self.iobufs.max_reserved_lsn.load(Acquire)
+            - Lsn::try_from(limit).unwrap();
+        if self.iobufs.stable() >= target {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + UNWRITTEN_WAIT_LIMIT;
+        let mut intervals = self.iobufs.intervals.lock();
+        while self.iobufs.stable() < target {
+            self.config.global_error()?;
+            if self
+                .iobufs
+                .interval_updated
+                .wait_until(&mut intervals, deadline)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn reserve_inner<T: Serialize + Debug>(
         &self,
         log_kind: LogKind,
@@ -157,6 +204,7 @@ impl Log {
         blob_rewrite: Option<Lsn>,
         _: &Guard,
     ) -> Result<Reservation<'_>> {
+        self.wait_for_unwritten_log()?;
         let _measure = Measure::new(&M.reserve_lat);
 
         let serialized_len = item.serialized_size();
@@ -378,6 +426,7 @@ impl Log {
                 DiskPtr::new_inline(reservation_lid)
             };
 
+            RESERVATIONS_HELD.with(|held| held.set(held.get() + 1));
             return Ok(Reservation {
                 iobuf,
                 log: self,

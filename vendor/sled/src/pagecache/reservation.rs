@@ -115,6 +115,8 @@ impl<'a> Reservation<'a> {
         }
 
         self.flushed = true;
+        super::logger::RESERVATIONS_HELD
+            .with(|held| held.set(held.get().saturating_sub(1)));
 
         if !valid {
             // don't actually zero the message, still check its hash
