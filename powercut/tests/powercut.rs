@@ -566,12 +566,18 @@ fn flock_is_exclusive_on_the_mount() {
         Some(libc::EWOULDBLOCK)
     );
     drop(a); // closing releases the lock
-    assert_eq!(
-        lock(&b),
-        0,
-        "lock after release: {}",
-        io::Error::last_os_error()
-    );
+             // ...once no process holds the open file description: a child another test thread forks
+             // at this moment (to mount, say) holds a copy of every descriptor until it execs, which
+             // closes them (Rust opens with O_CLOEXEC). So the lock is retried until a deadline.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lock(&b) != 0 {
+        let error = io::Error::last_os_error();
+        assert!(
+            error.raw_os_error() == Some(libc::EWOULDBLOCK) && Instant::now() < deadline,
+            "lock after release: {error}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A xorshift for the workload (the crate's PRNG is private).
