@@ -565,10 +565,11 @@ fn flock_is_exclusive_on_the_mount() {
         io::Error::last_os_error().raw_os_error(),
         Some(libc::EWOULDBLOCK)
     );
-    drop(a); // closing releases the lock
-             // ...once no process holds the open file description: a child another test thread forks
-             // at this moment (to mount, say) holds a copy of every descriptor until it execs, which
-             // closes them (Rust opens with O_CLOEXEC). So the lock is retried until a deadline.
+    // Closing releases the lock once no process holds the open file description: a child
+    // another test thread forks at this moment (to mount, say) holds a copy of every
+    // descriptor until it execs, which closes them (Rust opens with O_CLOEXEC). So the lock is
+    // retried until a deadline.
+    drop(a);
     let deadline = Instant::now() + Duration::from_secs(10);
     while lock(&b) != 0 {
         let error = io::Error::last_os_error();

@@ -656,7 +656,7 @@ impl Node {
         let too_many_bytes = leaf_split_bytes.map_or(false, |split_bytes| {
             !self.data.is_index()
                 && !cfg!(any(test, feature = "lock_free_delays"))
-                && self.data.len() >= 2 * BYTE_SPLIT_LEAF_MERGE_BELOW
+                && self.data.len() >= 2 * leaf_merge_below(leaf_split_bytes)
                 && self.data.rss() > split_bytes
         });
         let size_checks = self.data.len() > threshold || too_many_bytes;
