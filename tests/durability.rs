@@ -6,8 +6,8 @@ mod common;
 use std::collections::HashSet;
 
 use common::{
-    acknowledged_until_killed, call, get, group, message_ids, on_disk, post, run_output,
-    run_to_exit, send_unix, Daemon,
+    acknowledged_until_killed, books, call, get, group, message_ids, on_disk, post, run_output,
+    run_to_exit, send_unix, Daemon, Reply, Upstream,
 };
 use serde_json::json;
 
@@ -46,6 +46,41 @@ async fn kill_9_never_loses_an_acknowledged_call() {
         );
         assert!(acknowledged.len() >= kill_after);
     }
+}
+
+/// In `interval` mode a call is delivered once written, without waiting for the periodic
+/// flush; a kill before that flush takes back the calls' removal together with their insert
+/// (sled recovers a prefix of its log), so the books balance after it.
+#[tokio::test]
+async fn interval_mode_delivers_before_its_flush_and_a_kill_keeps_the_books() {
+    let upstream = Upstream::start(|_| Reply::Status(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--write-key",
+            "K",
+            "--upstream",
+            &upstream.url(),
+            "--durability",
+            "interval",
+            // No periodic flush within the test (nor within the upstream's 60 s wait).
+            "--sync-interval-ms",
+            "600000",
+            "--flush-interval-ms",
+            "5",
+        ],
+    );
+    let ids: HashSet<String> = (0..20).map(|i| format!("m{i}")).collect();
+    for id in &ids {
+        let response = daemon.send(&post("/v1/group", None, &group_call(id))).await;
+        assert_eq!(response.status, 200);
+    }
+    upstream.wait_delivered_ids(&ids).await;
+    daemon.kill();
+    let books = books(dir.path()).await;
+    books.balance().unwrap();
+    books.bytes_agree().unwrap();
 }
 
 #[tokio::test]

@@ -265,18 +265,25 @@ async fn an_fsync_append_answers_only_once_a_flush_covers_it() {
 }
 
 #[tokio::test]
-async fn calls_are_handed_out_only_once_durable() {
+async fn interval_mode_hands_out_calls_once_written() {
     let dir = tempfile::tempdir().unwrap();
     let options = interval_without_flushes(dir.path());
     let queue = Queue::open(options.clone()).unwrap();
     queue.append("key", 1, &[call(1)], &[]).await.unwrap();
-    // Acknowledged in interval mode, but no flush has covered it yet: a forwarder must not
-    // deliver what a crash could still take back.
-    assert!(queue.read(0, 10).unwrap().is_empty());
+    queue.append("key", 2, &[call(2)], &[]).await.unwrap();
+    // Acknowledged and written, and no flush has run: readable already, so that the
+    // forwarder reads it while sled still caches it.
+    let read = queue.read(0, 10).unwrap();
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[1].record.call, call(2));
+    queue.remove(&read[..1]).unwrap();
     queue.close().await.unwrap();
     drop(queue);
     let queue = open_again(options).await.unwrap();
-    assert_eq!(queue.read(0, 10).unwrap().len(), 1);
+    let read = queue.read(0, 10).unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].record.call, call(2));
+    common::balanced(&queue.counts()).unwrap();
     queue.close().await.unwrap();
 }
 

@@ -57,8 +57,9 @@ struct Cli {
     modes: Vec<String>,
     /// Servers to measure against the baseline: grouprelay (`--memory-profile lean`),
     /// grouprelay-throughput (`--memory-profile throughput`) and floor (the stack's floor:
-    /// hyper, parse, a sled insert, group commit, nothing else) in each mode; parse (hyper
-    /// and the parse alone, storing nothing) once
+    /// hyper, parse, a sled insert, group commit, nothing else) in each mode; candidate
+    /// (`--candidate`'s binary) in each mode; parse (hyper and the parse alone, storing
+    /// nothing) once
     #[arg(
         long,
         value_delimiter = ',',
@@ -71,6 +72,11 @@ struct Cli {
     /// Request shapes for ingest: group, batch100
     #[arg(long, value_delimiter = ',', default_value = "group,batch100")]
     shapes: Vec<String>,
+    /// Another grouprelay binary, measured as server `candidate` (`--memory-profile lean`)
+    /// beside this build's: list it in `--servers` (say `grouprelay,candidate,candidate,
+    /// grouprelay`) for a same-run A/B of two builds
+    #[arg(long)]
+    candidate: Option<std::path::PathBuf>,
     /// Measured seconds per ingest run (after a 1 s warm-up)
     #[arg(long, default_value_t = 5)]
     seconds: u64,
@@ -213,6 +219,10 @@ fn main() {
         }
         return;
     }
+    if cli.servers.iter().any(|k| k == "candidate") && cli.candidate.is_none() {
+        eprintln!("server `candidate` needs `--candidate PATH` (another grouprelay binary)");
+        std::process::exit(2);
+    }
     let placement = Placement { pinned: cli.pin };
     // Read the machine before pinning this process narrows what it sees.
     let machine = machine();
@@ -328,8 +338,9 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                         shape.name()
                     ));
                     let (server, name) = match kind.as_str() {
-                        "grouprelay" | "grouprelay-throughput" => (
-                            servers::start_grouprelay(
+                        "grouprelay" | "grouprelay-throughput" | "candidate" => (
+                            servers::start_grouprelay_binary(
+                                &grouprelay_binary(cli, kind),
                                 placement,
                                 &data,
                                 &sink.url(),
@@ -342,9 +353,10 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
                                     memory_profile(kind),
                                 ],
                             ),
-                            match memory_profile(kind) {
-                                "lean" => format!("grouprelay {mode}"),
-                                profile => format!("grouprelay {mode} {profile}"),
+                            match (kind.as_str(), memory_profile(kind)) {
+                                ("candidate", _) => format!("grouprelay {mode} candidate"),
+                                (_, "lean") => format!("grouprelay {mode}"),
+                                (_, profile) => format!("grouprelay {mode} {profile}"),
                             },
                         ),
                         "floor" | "parse" => (
@@ -393,6 +405,20 @@ async fn ingest(cli: &Cli, placement: Placement, dir: &std::path::Path) -> Vec<I
         }
     }
     rows
+}
+
+/// The binary a grouprelay server kind runs: `--candidate`'s for `candidate`, else the one
+/// built beside the bench.
+fn grouprelay_binary(cli: &Cli, kind: &str) -> std::path::PathBuf {
+    match kind {
+        "candidate" => cli
+            .candidate
+            .clone()
+            .expect("server `candidate` needs `--candidate PATH`"),
+        _ => std::env::current_exe()
+            .unwrap()
+            .with_file_name("grouprelay"),
+    }
 }
 
 /// The `--memory-profile` a grouprelay server kind runs with.

@@ -168,6 +168,17 @@ pub fn start_grouprelay(
     let exe = std::env::current_exe()
         .unwrap()
         .with_file_name("grouprelay");
+    start_grouprelay_binary(&exe, placement, data_dir, upstream, args)
+}
+
+/// [`start_grouprelay`] with another build of grouprelay: `--candidate`'s, for a same-run A/B.
+pub fn start_grouprelay_binary(
+    exe: &Path,
+    placement: Placement,
+    data_dir: &Path,
+    upstream: &str,
+    args: &[&str],
+) -> Server {
     assert!(
         exe.exists(),
         "{} is missing: run `cargo build --release` first (bench/run does)",
@@ -175,7 +186,7 @@ pub fn start_grouprelay(
     );
     let unix = data_dir.with_extension("sock");
     let mut child = placement
-        .command(&exe)
+        .command(exe)
         .arg("run")
         .args(["--listen", "127.0.0.1:0", "--listen"])
         .arg(format!("unix:{}", unix.display()))

@@ -283,6 +283,8 @@ impl Target {
             self.inserted_end.store(self.next_id, Ordering::SeqCst);
             if self.durability == Durability::Interval {
                 self.commit.mark_dirty();
+                // Readable once written in this mode (`Inner::readable_end`).
+                self.commit.announce_readable();
             }
         }
         if error.is_none() {

@@ -32,6 +32,11 @@ pub(crate) const FLUSH_WAIT_LIMIT: Duration = Duration::from_secs(5);
 /// (up to four, 2 MiB each) are freed. Long enough that a lull between requests keeps them.
 const RELEASE_BUFFERS_AFTER: Duration = Duration::from_secs(1);
 
+/// In `interval` mode, how often at most readers are told of calls written since they were
+/// last told: a wake-up per write would cost the forwarder more than it reads when requests
+/// are small, and in this time one connection writes far less than sled's cache holds.
+const ANNOUNCE_WRITES_EVERY: Duration = Duration::from_millis(5);
+
 /// Why an append did not succeed.
 #[derive(Debug)]
 pub(crate) enum AppendError {
@@ -68,11 +73,15 @@ pub(crate) struct GroupCommit {
     dirty: AtomicBool,
     stopping: AtomicBool,
     flushed: watch::Receiver<Flushed>,
-    /// Every queue id below this is durable (readers hand out only those).
+    /// Every queue id below this is durable (in `fsync` mode readers hand out only those).
     durable_end: AtomicU64,
-    /// Woken when `durable_end` moves: there are new calls to read (the queue's, shared by
-    /// every database a rebuild swaps in).
+    /// Woken when `durable_end` moves, and in `interval` mode after writes (at most every
+    /// [`ANNOUNCE_WRITES_EVERY`]): there are new calls to read (the queue's, shared by every
+    /// database a rebuild swaps in).
     advanced: Arc<Notify>,
+    /// Told of each write in `interval` mode; the announcer passes it on to `advanced`.
+    written: Arc<Notify>,
+    announcer: tokio::task::AbortHandle,
     /// Answers of written requests, sent once the next flush to start has finished; `None`
     /// once the committer has stopped.
     answers: Mutex<Option<Vec<Reply>>>,
@@ -98,6 +107,8 @@ impl GroupCommit {
             last_ok: 0,
             error: None,
         });
+        let written = Arc::new(Notify::new());
+        let announcer = tokio::spawn(announce(written.clone(), advanced.clone())).abort_handle();
         let shared = Arc::new(GroupCommit {
             next_generation: AtomicU64::new(1),
             wake: Notify::new(),
@@ -108,6 +119,8 @@ impl GroupCommit {
             // Everything found on disk at open is durable.
             durable_end: AtomicU64::new(before_flush()),
             advanced,
+            written,
+            announcer,
             answers: Mutex::new(Some(Vec::new())),
         });
         let task = tokio::spawn(committer(
@@ -182,6 +195,13 @@ impl GroupCommit {
         self.durable_end.load(Ordering::SeqCst)
     }
 
+    /// Calls became readable other than by a flush (`interval` mode shows calls once
+    /// written): the readers are woken now, or if they were woken in the last
+    /// [`ANNOUNCE_WRITES_EVERY`], once it has passed.
+    pub(crate) fn announce_readable(&self) {
+        self.written.notify_one();
+    }
+
     /// Notes a change that the periodic flush must cover.
     pub(crate) fn mark_dirty(&self) {
         if !self.dirty.swap(true, Ordering::SeqCst) {
@@ -196,8 +216,25 @@ impl GroupCommit {
 
     /// Asks the committer to run one last flush and stop.
     pub(crate) fn stop(&self) {
+        self.announcer.abort();
         self.stopping.store(true, Ordering::SeqCst);
         self.wake.notify_one();
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.announcer.abort();
+    }
+}
+
+/// Wakes the readers after writes, at most once every [`ANNOUNCE_WRITES_EVERY`]: writes while
+/// it sleeps leave one permit behind, taken as soon as it wakes.
+async fn announce(written: Arc<Notify>, advanced: Arc<Notify>) {
+    loop {
+        written.notified().await;
+        advanced.notify_waiters();
+        tokio::time::sleep(ANNOUNCE_WRITES_EVERY).await;
     }
 }
 

@@ -11,8 +11,9 @@
 //!   operation: after a crash either all of them are queued or none.
 //! - **FIFO.** Each call gets the next id (a `u64`) in arrival order, and calls are stored in
 //!   order in *chunks* of several calls each (see [`record`]). [`Queue::visit`] shows (and
-//!   [`Queue::read`] hands out) only calls that a flush has covered, so a reader never sees
-//!   a call a crash could take back.
+//!   [`Queue::read`] hands out) a call no earlier than it is answered: in `fsync` mode once a
+//!   flush has covered it, so a reader never sees a call a crash could take back; in
+//!   `interval` mode once written (a crash then takes back its removal with it).
 //! - **Removed only on request.** Calls leave the queue only through [`Queue::remove`] or
 //!   [`Queue::dead_letter`] (or quarantine, for a chunk that cannot be read), each one atomic
 //!   step that also updates the counters.
@@ -42,7 +43,7 @@
 //! | `record.rs` | the stored record formats (calls, chunks, dead letters, rejected calls) |
 //! | `appender.rs` | the waiting requests' calls packed into chunks and written |
 //! | `commit.rs` | group commit: the flushes, and the answers they release |
-//! | `read.rs` | durable calls shown in order, in place; quarantine of unreadable chunks |
+//! | `read.rs` | answered calls shown in order, in place; quarantine of unreadable chunks |
 //! | `ledger.rs` | the counters and done-bits, and what settling changes in them |
 //! | `settle.rs` | settling: done-bits, finished chunks and counters in one atomic write |
 //! | `dead.rs` | the dead-letter and rejected stores |
@@ -266,7 +267,7 @@ impl Queue {
         Ok(())
     }
 
-    /// When the oldest pending durable call was received (ms since the epoch), if any.
+    /// When the oldest pending readable call was received (ms since the epoch), if any.
     pub fn oldest_received_ms(&self) -> Result<Option<u64>, QueueError> {
         Ok(self.read(0, 1)?.first().map(|c| c.record.received_ms))
     }
@@ -288,7 +289,7 @@ impl Queue {
         }
     }
 
-    /// Resolves when more calls become readable (durable) after it was created and
+    /// Resolves when more calls become readable (see [`Queue::visit`]) after it was created and
     /// `enable`d or first polled.
     pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
         self.shared.advanced.notified()

@@ -1,5 +1,6 @@
-//! Reading the queue for delivery: durable calls in order, and quarantine for a chunk that
-//! cannot be read, so that one damaged chunk never stops the rest.
+//! Reading the queue for delivery: answered calls in order (`fsync` mode: durable ones), and
+//! quarantine for a chunk that cannot be read, so that one damaged chunk never stops the
+//! rest.
 
 use std::sync::atomic::Ordering;
 
@@ -11,7 +12,7 @@ use super::ledger::ChunkRef;
 use super::ledger::{Books, QueuedCall};
 use super::record::{self, CallView, DeadCause};
 use super::settle::encode_counters;
-use super::{Inner, Queue};
+use super::{Durability, Inner, Queue};
 
 /// What a reader of [`Queue::visit`] wants after a call: the next, or no more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +42,8 @@ impl Shown<'_> {
 }
 
 impl Queue {
-    /// Up to `limit` pending durable calls with ids of `from` or more, in queue order.
+    /// Up to `limit` pending readable calls (see [`Queue::visit`]) with ids of `from` or
+    /// more, in queue order.
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<QueuedCall>, QueueError> {
         let mut out = Vec::new();
         if limit == 0 {
@@ -58,10 +60,11 @@ impl Queue {
         Ok(out)
     }
 
-    /// Shows `visit` the pending durable calls with ids of `from` or more, in queue order and
-    /// in place, until it says [`Visit::Stop`] or none is left. A call is shown only once a
-    /// flush covers it, so nothing is delivered that a crash could still take back (and that
-    /// its client would then send again).
+    /// Shows `visit` the pending calls with ids of `from` or more, in queue order and in
+    /// place, until it says [`Visit::Stop`] or none is left. A call is shown no earlier than
+    /// it is answered: in `fsync` mode once a flush covers it, so nothing is delivered that a
+    /// crash could still take back (and that its client would then send again); in
+    /// `interval` mode once written (`Inner::readable_end`).
     ///
     /// The delivery side looks at far more calls than it keeps (another writeKey's, while
     /// its lane is full), so only what it keeps is copied. A chunk that cannot be read is
@@ -90,6 +93,20 @@ impl Queue {
 }
 
 impl Inner {
+    /// One past the last call a reader may see. In `fsync` mode a call is shown once a flush
+    /// has covered it, as it is answered. In `interval` mode it is shown once written, as it
+    /// is answered: delivering it before the periodic flush reads it while sled still caches
+    /// it, and a crash before that flush takes back its removal with it (sled recovers a
+    /// prefix of its log), so the books stay exact and nothing acknowledged is lost that
+    /// `interval` mode did not already allow to be lost.
+    fn readable_end(&self) -> u64 {
+        let inserted = self.inserted_end.load(Ordering::SeqCst);
+        match self.durability {
+            Durability::Fsync => inserted.min(self.commit.durable_end()),
+            Durability::Interval => inserted,
+        }
+    }
+
     /// [`Queue::visit`] on this database, its books locked, up to a chunk that cannot be
     /// read (returned to be quarantined).
     fn visit(
@@ -98,10 +115,7 @@ impl Inner {
         from: u64,
         visit: &mut impl FnMut(Shown<'_>) -> Visit,
     ) -> Result<Option<Damaged>, QueueError> {
-        let end = self
-            .inserted_end
-            .load(Ordering::SeqCst)
-            .min(self.commit.durable_end());
+        let end = self.readable_end();
         if from >= end {
             return Ok(None);
         }
